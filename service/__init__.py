@@ -1,0 +1,1 @@
+"""gRPC embedding service: servicer -> tokenization -> batching -> engine -> post-processing."""

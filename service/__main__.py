@@ -1,0 +1,29 @@
+"""Entry point: `python -m service [flags]` (see --help; every flag has an EMBED_* variable)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from service.config import load_config
+from service.server import serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

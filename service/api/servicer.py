@@ -1,0 +1,276 @@
+"""embedding.v1.EmbeddingService: validate, run the pipeline, build responses, map errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from grpc_status import rpc_status
+
+from embedding.v1 import embedding_pb2 as pb
+from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from service import postprocess
+from service.api.status import to_status
+from service.api.validation import RequestValidator
+from service.engines.base import EngineInfo
+from service.errors import InvalidInputError, NotReadyError
+from service.model_card import ModelCard
+from service.pipeline import Embedder, EmbedOutcome, EmbedSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[object, object]
+
+_WIRE_ENCODING = {
+    postprocess.Encoding.FLOAT32: pb.ENCODING_FLOAT32,
+    postprocess.Encoding.FLOAT16: pb.ENCODING_FLOAT16,
+    postprocess.Encoding.INT8: pb.ENCODING_INT8,
+    postprocess.Encoding.BINARY: pb.ENCODING_BINARY,
+}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a call needs once the engine is loaded."""
+
+    embedder: Embedder
+    validator: RequestValidator
+    card: ModelCard
+    info: EngineInfo
+    model_info: pb.GetModelInfoResponse
+    stream_max_inflight: int
+
+
+def _deadline(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _us(seconds: float) -> int:
+    return max(int(seconds * 1e6), 0)
+
+
+def _timing(outcome: EmbedOutcome | None, started: float) -> pb.Timing:
+    total = _us(time.perf_counter() - started)
+    if outcome is None:
+        return pb.Timing(total_us=total)
+    t = outcome.timing
+    return pb.Timing(
+        tokenize_us=_us(t.tokenize_s),
+        queue_us=_us(t.queue_s),
+        inference_us=_us(t.inference_s),
+        total_us=total,
+    )
+
+
+def _embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
+    encoded = postprocess.encode(outcome.vectors, spec.encoding)
+    wire = _WIRE_ENCODING[spec.encoding]
+    return [
+        pb.Embedding(
+            data=e.data,
+            dimensions=spec.dimensions,
+            encoding=wire,
+            scale=e.scale,
+            token_count=len(inp.ids),
+            truncated=inp.truncated,
+        )
+        for e, inp in zip(encoded, outcome.inputs, strict=True)
+    ]
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+
+    def attach(self, runtime: Runtime) -> None:
+        """Called by the server once the engine is loaded and warm."""
+        self._runtime = runtime
+
+    def _ready(self) -> Runtime:
+        if self._runtime is None:
+            raise NotReadyError("the model is still loading")
+        return self._runtime
+
+    async def _answer(self, context: Context, handler: Callable[[Runtime], Awaitable[T]]) -> T:
+        """Run a unary handler; every failure leaves as one precise status."""
+        try:
+            return await handler(self._ready())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # mapped, never leaked as UNKNOWN
+            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+            raise  # abort_with_status raises; this keeps type checkers honest
+
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
+        started = time.perf_counter()
+
+        async def handle(rt: Runtime) -> pb.EmbedResponse:
+            rt.validator.texts(request.inputs, "inputs")
+            spec = rt.validator.options(request.options)
+            outcome = await rt.embedder.embed(request.inputs, spec, "inputs", _deadline(context))
+            tokens = outcome.prompt_tokens
+            return pb.EmbedResponse(
+                embeddings=_embeddings(outcome, spec),
+                model=rt.info.model_name,
+                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+                timing=_timing(outcome, started),
+            )
+
+        return await self._answer(context, handle)
+
+    async def Similarity(
+        self, request: pb.SimilarityRequest, context: Context
+    ) -> pb.SimilarityResponse:
+        started = time.perf_counter()
+
+        async def handle(rt: Runtime) -> pb.SimilarityResponse:
+            v = rt.validator
+            v.texts(request.queries, "queries")
+            v.texts(request.documents, "documents")
+            v.texts([*request.queries, *request.documents], "queries+documents")
+            spec = v.options(request.options)
+            if spec.encoding is not postprocess.Encoding.FLOAT32:
+                raise InvalidInputError("options.encoding", "does not apply to Similarity")
+            doc_spec = EmbedSpec("", spec.dimensions, True, spec.truncation, spec.encoding)
+            deadline = _deadline(context)
+            queries, docs = await asyncio.gather(
+                rt.embedder.embed(request.queries, spec, "queries", deadline),
+                rt.embedder.embed(request.documents, doc_spec, "documents", deadline),
+            )
+            scores = postprocess.cosine(queries.vectors, docs.vectors)
+            tokens = queries.prompt_tokens + docs.prompt_tokens
+            return pb.SimilarityResponse(
+                results=_similarity_results(scores, request.top_k),
+                model=rt.info.model_name,
+                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+                timing=_timing(queries, started),
+            )
+
+        return await self._answer(context, handle)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: Context
+    ) -> pb.GetModelInfoResponse:
+        async def handle(rt: Runtime) -> pb.GetModelInfoResponse:
+            return rt.model_info
+
+        return await self._answer(context, handle)
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        try:
+            rt = self._ready()
+        except NotReadyError as exc:
+            await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+            return
+        stream = _Stream(rt, _deadline(context))
+        async for response in stream.run(request_iterator):
+            yield response
+
+
+def _similarity_results(scores: postprocess.FloatMatrix, k: int) -> list[pb.SimilarityResult]:
+    if k <= 0:
+        return [pb.SimilarityResult(scores=row.tolist()) for row in scores]
+    order, best = postprocess.top_k(scores, k)
+    return [
+        pb.SimilarityResult(
+            top_k=[
+                pb.ScoredDocument(index=i, score=s)
+                for i, s in zip(idx.tolist(), sc.tolist(), strict=True)
+            ]
+        )
+        for idx, sc in zip(order, best, strict=True)
+    ]
+
+
+class _Stream:
+    """One EmbedStream call: a reader task feeds items in, results go out as they finish.
+
+    At most `stream_max_inflight` items are read but not yet answered. The reader stops
+    pulling requests when that many are out, so a client that sends faster than the engine
+    works, or stops reading its results, is slowed by HTTP/2 flow control instead of making
+    the server buffer.
+    """
+
+    def __init__(self, rt: Runtime, deadline: float | None) -> None:
+        self._rt = rt
+        self._deadline = deadline
+        self._slots = asyncio.Semaphore(rt.stream_max_inflight)
+        # (response, whether it answers an item that holds its id in _inflight_ids)
+        self._results: asyncio.Queue[tuple[pb.EmbedStreamResponse, bool] | None] = asyncio.Queue()
+        self._inflight_ids: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(
+        self, requests: AsyncIterator[pb.EmbedStreamRequest]
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while (result := await self._results.get()) is not None:
+                response, holds_id = result
+                yield response
+                if holds_id:
+                    self._inflight_ids.discard(response.id)
+                self._slots.release()
+            await reader  # re-raise a failure of the request stream itself
+        finally:
+            reader.cancel()
+            for task in self._tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[pb.EmbedStreamRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._slots.acquire()
+                self._start(request)
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+        finally:
+            self._results.put_nowait(None)
+
+    def _start(self, request: pb.EmbedStreamRequest) -> None:
+        if request.id in self._inflight_ids:
+            # Refused for this item only; the first item with that id goes on.
+            error = InvalidInputError(
+                "id", f"id {request.id!r} is already in flight on this stream"
+            )
+            response = pb.EmbedStreamResponse(id=request.id, error=to_status(error))
+            self._results.put_nowait((response, False))
+            return
+        self._inflight_ids.add(request.id)
+        task = asyncio.create_task(self._item(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _item(self, request: pb.EmbedStreamRequest) -> None:
+        started = time.perf_counter()
+        rt = self._rt
+        try:
+            rt.validator.text(request.input, "input")
+            spec = rt.validator.options(request.options)
+            outcome = await rt.embedder.embed_bulk_item(
+                request.input, spec, "input", self._deadline
+            )
+            embedding = _embeddings(outcome, spec)[0]
+            response = pb.EmbedStreamResponse(
+                id=request.id, embedding=embedding, timing=_timing(outcome, started)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            response = pb.EmbedStreamResponse(
+                id=request.id, error=to_status(exc), timing=_timing(None, started)
+            )
+        self._results.put_nowait((response, True))

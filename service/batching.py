@@ -1,0 +1,565 @@
+"""Dynamic batcher: a bounded two-priority queue in front of the engine, drained by one task.
+
+The shape follows TEI's router: callers only *enqueue* (cheap, synchronous, all-or-nothing
+admission), and a single batching task - the actor - is the only code that takes items off
+the queues, so batch formation needs no locks. The actor forms a batch under a token budget
+and an item cap, holds a non-full batch for at most ``max_wait_s``, and keeps at most
+``max_inflight_batches`` batches in the engine, so one batch runs while the next is formed.
+
+This module knows nothing about vLLM or gRPC: it talks to the ``Engine`` protocol only and
+reports problems as plain exceptions that the servicer maps to status codes.
+
+Clock note: ``clock`` timestamps items and is what deadlines and ``max_wait_s`` are measured
+against; it must tick in seconds, because the actor sleeps on event-loop timers for the
+remaining wait. A test clock that never advances simply means "not yet waited long enough".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from service.engines.base import Engine, EngineUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# retry_after_s is a hint, never zero: a client that retries at once only adds load.
+_MIN_RETRY_AFTER_S = 0.005
+_MAX_RETRY_AFTER_S = 30.0
+# Weight of the newest batch in the running estimate of batch latency (for retry hints).
+_LATENCY_EWMA_WEIGHT = 0.2
+# Cancelled items stay in their deque until the actor reaches them (removing from the middle
+# of a deque is O(n)); compact once they outnumber the live ones so memory stays bounded.
+_MIN_DEAD_BEFORE_COMPACT = 64
+
+
+class Priority(enum.IntEnum):
+    """Lower value is served first."""
+
+    INTERACTIVE = 0  # unary calls: always taken before BULK
+    BULK = 1  # stream items
+
+
+@dataclass(frozen=True)
+class BatcherLimits:
+    max_batch_tokens: int  # token budget of one batch (sum of len(token_ids))
+    max_batch_items: int  # item cap of one batch
+    max_wait_s: float  # how long a non-full batch may wait, from its oldest item's enqueue
+    max_queue_tokens: int  # bound on queued (not yet dispatched) tokens
+    max_queue_items: int  # bound on queued items
+    # BULK may fill at most this fraction of the queue bounds; the rest is kept for
+    # INTERACTIVE, so a stream that keeps the queue full cannot lock unary callers out.
+    bulk_queue_share: float = 0.75
+    max_inflight_batches: int = 2  # one batch runs while the next forms/waits
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_tokens", "max_batch_items", "max_queue_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_queue_items < 1 or self.max_inflight_batches < 1:
+            raise ValueError("max_queue_items and max_inflight_batches must be >= 1")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
+        if not 0.0 < self.bulk_queue_share <= 1.0:
+            raise ValueError("bulk_queue_share must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    vector: npt.NDArray[np.float32]  # 1-D row from the engine
+    queue_s: float  # enqueue -> dispatch
+    inference_s: float  # dispatch -> engine returned
+
+
+class QueueFullError(Exception):
+    """Admission refused; ``reason`` names the bound that was hit and its limit."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpiredError(Exception):
+    """The item's deadline passed before it was dispatched; it never reached the engine."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is closing or closed."""
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[_Item]
+    dispatched_at: float
+    open_items: int  # items whose caller still waits; at 0 the engine work is pointless
+    task: asyncio.Task[None] | None = None
+    finished: bool = False
+
+    def item_done(self) -> None:
+        """A caller went away while the batch ran; abort the engine call if it was the last."""
+        if self.finished:
+            return
+        self.open_items -= 1
+        if self.open_items == 0 and self.task is not None:
+            self.task.cancel()  # engines abort on cancellation: free the GPU for live work
+
+
+@dataclass(eq=False)
+class _Item:
+    token_ids: Sequence[int]
+    n_tokens: int
+    priority: Priority
+    enqueued_at: float
+    deadline: float | None
+    future: asyncio.Future[ItemResult]
+    queued: bool = True  # still counted in the queue counters
+    batch: _Batch | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A submit_when_ready call parked until its item fits."""
+
+    token_ids: Sequence[int]
+    n_tokens: int
+    priority: Priority
+    deadline: float | None
+    # Resolved with the item's future: the admitting code enqueues on the waiter's behalf, so
+    # the space is taken at once and two waiters woken together cannot both claim it.
+    granted: asyncio.Future[asyncio.Future[ItemResult]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    item: _Item | None = None  # set when admitted
+
+
+class _Bound(NamedTuple):
+    unit: str  # "tokens" or "items"
+    queued: int
+    limit: int
+    name: str
+
+
+class Batcher:
+    """Token-budget dynamic batcher with priorities, deadlines and backpressure."""
+
+    def __init__(
+        self, engine: Engine, limits: BatcherLimits, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._clock = clock
+        self._queues: dict[Priority, deque[_Item]] = {p: deque() for p in Priority}
+        self._tokens: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._items: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._dead = 0  # released items still sitting in a deque
+        self._waiters: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
+        self._inflight: set[_Batch] = set()
+        self._wakeup = asyncio.Event()  # "state changed": the actor re-evaluates
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._batch_latency_s = max(limits.max_wait_s, 0.01)  # prior until a batch is seen
+        self._bulk_token_cap = int(limits.max_queue_tokens * limits.bulk_queue_share)
+        self._bulk_item_cap = int(limits.max_queue_items * limits.bulk_queue_share)
+
+    # ----------------------------------------------------------------- public surface
+
+    @property
+    def queued_items(self) -> int:
+        return sum(self._items.values())
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(self._tokens.values())
+
+    @property
+    def inflight_batches(self) -> int:
+        return len(self._inflight)
+
+    async def start(self) -> None:
+        if self._task is None and not self._closing:
+            self._task = asyncio.create_task(self._run(), name="batcher")
+
+    async def close(self) -> None:
+        """Refuse new work, fail what is queued, and drain what the engine already has."""
+        if not self._closing:
+            self._closing = True
+            self._fail_queued()
+            self._fail_waiters()
+            self._wakeup.set()
+        # asyncio.wait, not gather: if close() itself is cancelled, in-flight batches must
+        # still finish for their callers.
+        if self._task is not None:
+            await asyncio.wait([self._task])
+        running = [b.task for b in self._inflight if b.task is not None]
+        if running:
+            await asyncio.wait(running)
+
+    def submit(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        priority: Priority,
+        deadline: float | None = None,
+    ) -> list[asyncio.Future[ItemResult]]:
+        """Admit all items of one request or none of them (a partial answer is useless)."""
+        self._ensure_open()
+        sizes = [self._checked_size(ids) for ids in token_ids]
+        if not sizes:
+            return []
+        never = self._refusal(sum(sizes), len(sizes), priority, empty_queue=True)
+        if never is not None:
+            raise QueueFullError(
+                f"{never.reason}; the request can never be admitted", _MAX_RETRY_AFTER_S
+            )
+        if self._waiters_ahead(priority):
+            # Parked submit_when_ready callers came first; jumping them would starve them.
+            raise QueueFullError(
+                f"queue full: callers of priority {priority.name} or higher are waiting",
+                self._retry_after(self.queued_tokens, self._limits.max_batch_tokens),
+            )
+        refusal = self._refusal(sum(sizes), len(sizes), priority)
+        if refusal is not None:
+            raise refusal
+        items = [
+            self._enqueue(ids, n, priority, deadline)
+            for ids, n in zip(token_ids, sizes, strict=True)
+        ]
+        self._wakeup.set()
+        return [item.future for item in items]
+
+    async def submit_when_ready(
+        self,
+        token_ids: Sequence[int],
+        priority: Priority = Priority.BULK,
+        deadline: float | None = None,
+    ) -> asyncio.Future[ItemResult]:
+        """Enqueue one item, waiting (FIFO per priority) for space: backpressure for streams."""
+        self._ensure_open()
+        n_tokens = self._checked_size(token_ids)
+        never = self._refusal(n_tokens, 1, priority, empty_queue=True)
+        if never is not None:
+            raise QueueFullError(
+                f"{never.reason}; the item can never be admitted", _MAX_RETRY_AFTER_S
+            )
+        if not self._waiters_ahead(priority) and self._refusal(n_tokens, 1, priority) is None:
+            item = self._enqueue(token_ids, n_tokens, priority, deadline)
+            self._wakeup.set()
+            return item.future
+        waiter = _Waiter(token_ids, n_tokens, priority, deadline)
+        self._waiters[priority].append(waiter)
+        try:
+            return await waiter.granted
+        except BaseException:
+            self._abandon(waiter)
+            raise
+
+    # ------------------------------------------------------------- admission control
+
+    def _ensure_open(self) -> None:
+        if self._closing:
+            raise BatcherClosedError("batcher is closed")
+
+    def _checked_size(self, token_ids: Sequence[int]) -> int:
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("an item must have at least one token")
+        if n > self._limits.max_batch_tokens:
+            # Such an item could never be batched; it would block its queue forever.
+            raise ValueError(
+                f"item has {n} tokens > max_batch_tokens={self._limits.max_batch_tokens}"
+            )
+        return n
+
+    def _bounds(self, priority: Priority) -> list[_Bound]:
+        limits = self._limits
+        bounds = [
+            _Bound("tokens", self.queued_tokens, limits.max_queue_tokens, "max_queue_tokens"),
+            _Bound("items", self.queued_items, limits.max_queue_items, "max_queue_items"),
+        ]
+        if priority is Priority.BULK:
+            share = f"{limits.bulk_queue_share:.0%} BULK share of"
+            bulk = Priority.BULK
+            bounds += [
+                _Bound(
+                    "tokens", self._tokens[bulk], self._bulk_token_cap, f"{share} max_queue_tokens"
+                ),
+                _Bound("items", self._items[bulk], self._bulk_item_cap, f"{share} max_queue_items"),
+            ]
+        return bounds
+
+    def _refusal(
+        self, n_tokens: int, n_items: int, priority: Priority, empty_queue: bool = False
+    ) -> QueueFullError | None:
+        """The error to raise if the items do not fit now (or even into an empty queue)."""
+        for bound in self._bounds(priority):
+            wanted = n_tokens if bound.unit == "tokens" else n_items
+            queued = 0 if empty_queue else bound.queued
+            if queued + wanted > bound.limit:
+                reason = (
+                    f"queue full: {queued} queued + {wanted} requested {bound.unit}"
+                    f" > {bound.limit} ({bound.name})"
+                )
+                per_batch = self._limits.max_batch_tokens
+                if bound.unit == "items":
+                    per_batch = self._limits.max_batch_items
+                return QueueFullError(
+                    reason, self._retry_after(queued + wanted - bound.limit, per_batch)
+                )
+        return None
+
+    def _retry_after(self, deficit: int, per_batch: int) -> float:
+        # Space frees one dispatched batch at a time; batches leave at about
+        # max_inflight_batches per batch latency.
+        batches = max(1, math.ceil(deficit / per_batch))
+        estimate = batches * self._batch_latency_s / self._limits.max_inflight_batches
+        return min(max(estimate, _MIN_RETRY_AFTER_S), _MAX_RETRY_AFTER_S)
+
+    def _waiters_ahead(self, priority: Priority) -> bool:
+        return any(self._waiters[p] for p in Priority if p <= priority)
+
+    def _enqueue(
+        self, token_ids: Sequence[int], n_tokens: int, priority: Priority, deadline: float | None
+    ) -> _Item:
+        future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
+        item = _Item(token_ids, n_tokens, priority, self._clock(), deadline, future)
+        self._queues[priority].append(item)
+        self._tokens[priority] += n_tokens
+        self._items[priority] += 1
+        future.add_done_callback(functools.partial(self._on_item_done, item))
+        return item
+
+    def _admit_waiters(self) -> bool:
+        """Hand freed space to parked callers: INTERACTIVE first, FIFO within a priority.
+
+        Returns whether anything was admitted.
+        """
+        admitted = False
+        for priority in Priority:
+            waiters = self._waiters[priority]
+            while waiters:
+                waiter = waiters[0]
+                if waiter.granted.done():  # its caller is gone (defensive; _abandon removes it)
+                    waiters.popleft()
+                    continue
+                if self._refusal(waiter.n_tokens, 1, priority) is not None:
+                    # Stop at the first that does not fit: later (or lower-priority) waiters
+                    # must not overtake it, or a large item could wait forever.
+                    return admitted
+                waiters.popleft()
+                waiter.item = self._enqueue(
+                    waiter.token_ids, waiter.n_tokens, priority, waiter.deadline
+                )
+                waiter.granted.set_result(waiter.item.future)
+                self._wakeup.set()
+                admitted = True
+        return admitted
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The submit_when_ready caller went away: leave no trace of it."""
+        with contextlib.suppress(ValueError):
+            self._waiters[waiter.priority].remove(waiter)
+        item = waiter.item
+        if item is not None:
+            # Admitted, but cancelled before it could resume: give the space back now rather
+            # than when the done-callback runs, so the caller's counters look untouched.
+            item.future.cancel()
+            if item.queued:
+                self._drop_queued(item)
+        self._admit_waiters()  # it may have been the head that blocked others
+
+    # ------------------------------------------------------------- queue bookkeeping
+
+    def _release(self, item: _Item) -> None:
+        """The item stops counting against the queue bounds."""
+        item.queued = False
+        self._tokens[item.priority] -= item.n_tokens
+        self._items[item.priority] -= 1
+
+    def _drop_queued(self, item: _Item) -> None:
+        """Release an item that stays in its deque (cancelled); the actor skips it later."""
+        self._release(item)
+        self._dead += 1
+        if self._dead > max(_MIN_DEAD_BEFORE_COMPACT, self.queued_items):
+            self._compact()
+        self._admit_waiters()
+
+    def _compact(self) -> None:
+        for priority in Priority:
+            self._queues[priority] = deque(i for i in self._queues[priority] if i.queued)
+        self._dead = 0
+
+    def _on_item_done(self, item: _Item, _future: asyncio.Future[ItemResult]) -> None:
+        # Runs for every outcome; only a caller that went away early needs handling.
+        if item.queued:
+            self._drop_queued(item)
+        elif item.batch is not None:
+            item.batch.item_done()
+
+    def _live_head(self, queue: deque[_Item], now: float) -> _Item | None:
+        """Pop released, cancelled and expired items off the head; return the live head."""
+        while queue:
+            item = queue[0]
+            if not item.queued:
+                queue.popleft()
+                self._dead -= 1
+            elif item.future.done():  # cancelled; its done-callback has not run yet
+                queue.popleft()
+                self._release(item)
+            elif item.expired(now):
+                queue.popleft()
+                self._release(item)
+                item.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
+            else:
+                return item
+        return None
+
+    def _fail_queued(self) -> None:
+        for queue in self._queues.values():
+            while queue:
+                item = queue.popleft()
+                if item.queued:
+                    self._release(item)
+                    if not item.future.done():
+                        item.future.set_exception(BatcherClosedError("batcher closed"))
+        self._dead = 0
+
+    def _fail_waiters(self) -> None:
+        for waiters in self._waiters.values():
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.granted.done():
+                    waiter.granted.set_exception(BatcherClosedError("batcher closed"))
+
+    # ------------------------------------------------------------------- the actor
+
+    async def _run(self) -> None:
+        try:
+            while not self._closing:
+                await self._step()
+        except Exception:
+            # A bug here would otherwise leave every caller hanging; fail loudly instead.
+            logger.exception("batching task crashed; closing the batcher")
+            self._closing = True
+            self._fail_queued()
+            self._fail_waiters()
+
+    async def _step(self) -> None:
+        now = self._clock()
+        hold = self._hold_for(now)
+        # Space freed by the last dispatch, or by purging expired/cancelled heads just now.
+        if self._admit_waiters():
+            return  # the queue changed: re-evaluate
+        if hold is None:
+            await self._sleep(None)
+        elif hold > 0:
+            await self._sleep(hold)
+        else:
+            batch = self._take_batch(now)
+            if batch:
+                self._dispatch(batch, now)
+
+    def _hold_for(self, now: float) -> float | None:
+        """None: nothing to do until woken. 0: dispatch now. >0: wait this long for more items."""
+        if len(self._inflight) >= self._limits.max_inflight_batches:
+            return None
+        heads = [h for q in self._queues.values() if (h := self._live_head(q, now)) is not None]
+        if not heads:
+            return None
+        limits = self._limits
+        # Queued totals are what the next batch draws from, so they tell whether it is full.
+        if (
+            self.queued_items >= limits.max_batch_items
+            or self.queued_tokens >= limits.max_batch_tokens
+        ):
+            return 0.0
+        oldest = min(h.enqueued_at for h in heads)
+        return max(0.0, oldest + limits.max_wait_s - now)
+
+    async def _sleep(self, delay_s: float | None) -> None:
+        """Wait for a state change, or at most delay_s (the rest of a forming batch's wait)."""
+        # Clearing right before waiting is safe: state was checked with no await in between.
+        self._wakeup.clear()
+        if delay_s is None:
+            await self._wakeup.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay_s):
+                await self._wakeup.wait()
+
+    def _take_batch(self, now: float) -> list[_Item]:
+        """INTERACTIVE first, then BULK, FIFO; stop before the first item that does not fit.
+
+        Stopping (rather than skipping to smaller items) keeps FIFO order and guarantees a big
+        item is first in line for the next batch.
+        """
+        batch: list[_Item] = []
+        tokens = 0
+        for priority in Priority:
+            queue = self._queues[priority]
+            while (item := self._live_head(queue, now)) is not None:
+                if len(batch) >= self._limits.max_batch_items:
+                    return batch
+                if tokens + item.n_tokens > self._limits.max_batch_tokens:
+                    return batch
+                queue.popleft()
+                self._release(item)
+                batch.append(item)
+                tokens += item.n_tokens
+        return batch
+
+    def _dispatch(self, items: list[_Item], now: float) -> None:
+        batch = _Batch(items, dispatched_at=now, open_items=len(items))
+        for item in items:
+            item.batch = batch
+        batch.task = asyncio.create_task(self._run_batch(batch))
+        self._inflight.add(batch)
+
+    async def _run_batch(self, batch: _Batch) -> None:
+        try:
+            vectors = await self._engine.embed([item.token_ids for item in batch.items])
+            self._deliver(batch, vectors)
+        except asyncio.CancelledError:
+            # Either every caller left (nothing to deliver) or the loop is shutting down.
+            for item in batch.items:
+                item.future.cancel()
+            raise
+        except Exception as exc:
+            # The batcher survives a failed batch; only this batch's callers see the error.
+            for item in batch.items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            batch.finished = True
+            self._inflight.discard(batch)
+            self._wakeup.set()  # a slot is free
+
+    def _deliver(self, batch: _Batch, vectors: npt.NDArray[np.float32]) -> None:
+        items = batch.items
+        if vectors.ndim != 2 or vectors.shape[0] != len(items):
+            raise EngineUnavailableError(
+                f"engine returned shape {vectors.shape} for a batch of {len(items)} items"
+            )
+        done_at = self._clock()
+        inference_s = done_at - batch.dispatched_at
+        self._batch_latency_s += _LATENCY_EWMA_WEIGHT * (inference_s - self._batch_latency_s)
+        for row, item in enumerate(items):
+            if not item.future.done():
+                result = ItemResult(
+                    vectors[row], batch.dispatched_at - item.enqueued_at, inference_s
+                )
+                item.future.set_result(result)

@@ -1,0 +1,123 @@
+"""The one configuration object, filled from CLI flags and EMBED_* environment variables.
+
+Each setting is declared once, with its default and help text; the flag is the field name
+in kebab case (--max-batch-tokens) and the variable is EMBED_ plus the name in upper case
+(EMBED_MAX_BATCH_TOKENS). A flag beats a variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "EMBED_"
+BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    # Network
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = _opt(50051, "gRPC port")
+    max_request_bytes: int = _opt(32 * 1024 * 1024, "largest request message accepted")
+    grace_s: float = _opt(20.0, "drain time for in-flight calls on SIGTERM")
+
+    # Model and engine
+    model: str = _opt(
+        BUNDLED_MODEL,
+        "local model folder or Hub id; the default is served from the bundled package",
+    )
+    served_model_name: str = _opt("", "name reported to clients (default: from --model)")
+    dtype: str = _opt(
+        "auto", "engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"
+    )
+    max_model_len: int = _opt(0, "maximum input tokens (0: the model's own limit)")
+    gpu_memory_utilization: float = _opt(
+        0.1, "fraction of GPU memory (of RAM on CPU) vLLM may use; 0.9 suits a dedicated GPU"
+    )
+    enforce_eager: bool = _opt(
+        True, "disable torch.compile/CUDA graphs (avoids vLLM #48901; faster start)"
+    )
+    min_dimensions: int = _opt(32, "smallest Matryoshka dimension accepted")
+    instruction_template: str = _opt(
+        "", "prefix with {instruction} for queries (default: read from the model's prompts)"
+    )
+    tokenizer_threads: int = _opt(2, "threads that tokenize off the event loop")
+
+    # Batching and admission
+    max_batch_tokens: int = _opt(8192, "token budget of one engine batch")
+    max_batch_items: int = _opt(256, "items in one engine batch")
+    max_wait_ms: float = _opt(2.0, "how long a partial batch waits for more items")
+    max_inflight_batches: int = _opt(2, "batches handed to the engine at once")
+    max_queue_tokens: int = _opt(262144, "bound on queued tokens")
+    max_queue_items: int = _opt(8192, "bound on queued items")
+    bulk_queue_share: float = _opt(0.75, "share of the queue stream items may hold")
+
+    # Request limits
+    max_inputs_per_request: int = _opt(
+        2048, "texts per Embed call, queries+documents per Similarity"
+    )
+    max_input_chars: int = _opt(262144, "characters per input, checked before tokenizing")
+    stream_max_inflight: int = _opt(1024, "items of one stream accepted but not yet answered")
+
+    log_level: str = _opt("INFO", "logging level")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_batch_items < 1:
+            raise ValueError("max_batch_tokens and max_batch_items must be positive")
+        if self.max_queue_tokens < self.max_batch_tokens:
+            raise ValueError("max_queue_tokens must be at least max_batch_tokens")
+        if not 0 < self.bulk_queue_share <= 1:
+            raise ValueError("bulk_queue_share must be in (0, 1]")
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _converter(kind: Any) -> Any:
+    return {"bool": _parse_bool, "int": int, "float": float, "str": str}[str(kind)]
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceConfig:
+    """Defaults, overridden by EMBED_* variables, overridden by flags."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="embedding-service",
+        description="gRPC embedding service in front of vLLM",
+    )
+    values: dict[str, Any] = {}
+    for f in fields(ServiceConfig):
+        convert = _converter(f.type)
+        env_name = ENV_PREFIX + f.name.upper()
+        if env_name in env:
+            try:
+                values[f.name] = convert(env[env_name])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise SystemExit(f"{env_name}: {exc}") from exc
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=convert,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata['help']} [env {env_name}, default {f.default!r}]",
+        )
+    values.update(vars(parser.parse_args(argv)))
+    try:
+        return ServiceConfig(**values)
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -1,0 +1,1 @@
+"""Engines turn batches of token ids into pooled vectors. Only `vllm_engine` imports vllm."""

@@ -1,0 +1,101 @@
+"""One embedding job from text to shaped vectors: tokenize -> batcher -> engine -> post-process.
+
+The servicer validates and speaks gRPC; this module holds the request path below it, so
+Embed, Similarity and each EmbedStream item share one implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import postprocess
+from service.batching import Batcher, ItemResult, Priority
+from service.tokenization import TextTokenizer, TokenizedInput, Truncation
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """Validated options of one call."""
+
+    prefix: str
+    dimensions: int
+    normalize: bool
+    truncation: Truncation
+    encoding: postprocess.Encoding
+
+
+@dataclass(frozen=True)
+class Timing:
+    tokenize_s: float
+    queue_s: float
+    inference_s: float
+
+
+@dataclass(frozen=True)
+class EmbedOutcome:
+    vectors: postprocess.FloatMatrix  # sliced and (if asked) normalized, one row per text
+    inputs: list[TokenizedInput]
+    timing: Timing
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(t.ids) for t in self.inputs)
+
+
+class Embedder:
+    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher) -> None:
+        self._tokenizer = tokenizer
+        self._batcher = batcher
+
+    async def embed(
+        self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
+    ) -> EmbedOutcome:
+        """Interactive path: all texts are admitted together or the call is refused."""
+        started = time.perf_counter()
+        inputs = await self._tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
+        tokenized = time.perf_counter()
+        futures = self._batcher.submit([t.ids for t in inputs], Priority.INTERACTIVE, deadline)
+        results = await _gather(futures)
+        return _outcome(inputs, results, spec, tokenized - started)
+
+    async def embed_bulk_item(
+        self, text: str, spec: EmbedSpec, field: str, deadline: float | None
+    ) -> EmbedOutcome:
+        """Stream path: waits for room in the bulk share of the queue instead of failing."""
+        started = time.perf_counter()
+        inputs = await self._tokenizer.tokenize(
+            [text], spec.prefix, spec.truncation, field, indexed=False
+        )
+        tokenized = time.perf_counter()
+        future = await self._batcher.submit_when_ready(inputs[0].ids, Priority.BULK, deadline)
+        results = await _gather([future])
+        return _outcome(inputs, results, spec, tokenized - started)
+
+
+async def _gather(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:
+    try:
+        return await asyncio.gather(*futures)
+    finally:
+        # On failure or cancellation, siblings still queued are dropped from the batcher.
+        for f in futures:
+            f.cancel()
+
+
+def _outcome(
+    inputs: list[TokenizedInput], results: list[ItemResult], spec: EmbedSpec, tokenize_s: float
+) -> EmbedOutcome:
+    raw = np.stack([r.vector for r in results])
+    return EmbedOutcome(
+        vectors=postprocess.shape(raw, spec.dimensions, spec.normalize),
+        inputs=inputs,
+        timing=Timing(
+            tokenize_s=tokenize_s,
+            queue_s=max(r.queue_s for r in results),
+            inference_s=max(r.inference_s for r in results),
+        ),
+    )

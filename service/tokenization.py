@@ -1,0 +1,119 @@
+"""Tokenize in the service, off the event loop, with the model's fast tokenizer.
+
+The batcher needs token counts before anything is batched, and sending token ids spares
+vLLM's front end the work. Truncation is done here too, and always keeps the special
+tokens the model adds (Qwen3 pools on the trailing <|endoftext|>; BERT models need
+[CLS] ... [SEP]), and keeps an instruction prefix whole when cutting from the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Encoding, Tokenizer
+
+from service.errors import InputTooLongError, InvalidInputError
+
+
+class Truncation(enum.Enum):
+    REFUSE = "refuse"
+    END = "end"
+    START = "start"
+
+
+@dataclass(frozen=True)
+class TokenizedInput:
+    ids: list[int]
+    truncated: bool
+
+
+def _special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a single sequence.
+
+    Learned by comparing a probe with and without special tokens, so it works for any
+    template (BERT's [CLS] $A [SEP], Qwen3's $A <|endoftext|>, ...).
+    """
+    bare = tokenizer.encode("probe text", add_special_tokens=False).ids
+    full = tokenizer.encode("probe text", add_special_tokens=True).ids
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start], full[start + len(bare) :]
+    raise ValueError("cannot tell where the tokenizer puts its special tokens")
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer_file: Path, max_tokens: int, threads: int) -> None:
+        self._tok = Tokenizer.from_file(str(tokenizer_file))
+        # Some models ship tokenizer.json with truncation and fixed padding configured
+        # (MiniLM: 128). Either would silently change vectors, so both are turned off.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self._head, self._tail = _special_tokens(self._tok)
+        self.max_tokens = max_tokens
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+
+    @property
+    def special_count(self) -> int:
+        return len(self._head) + len(self._tail)
+
+    async def tokenize(
+        self,
+        texts: Sequence[str],
+        prefix: str,
+        truncation: Truncation,
+        field: str,
+        indexed: bool = True,
+    ) -> list[TokenizedInput]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self.tokenize_sync, texts, prefix, truncation, field, indexed
+        )
+
+    def tokenize_sync(
+        self,
+        texts: Sequence[str],
+        prefix: str,
+        truncation: Truncation,
+        field: str,
+        indexed: bool = True,
+    ) -> list[TokenizedInput]:
+        """`field` names the texts in errors: "inputs[3]", or "input" when not indexed."""
+        budget = self.max_tokens - self.special_count
+        full = [prefix + t for t in texts] if prefix else list(texts)
+        # encode_batch_fast skips offsets; they are only needed for the rare long input.
+        encodings = self._tok.encode_batch_fast(full, add_special_tokens=False)
+        out = []
+        for i, enc in enumerate(encodings):
+            ids = enc.ids
+            truncated = len(ids) > budget
+            if truncated:
+                name = f"{field}[{i}]" if indexed else field
+                ids = self._truncate(full[i], len(prefix), budget, truncation, name)
+            out.append(TokenizedInput(self._head + ids + self._tail, truncated))
+        return out
+
+    def _truncate(
+        self, text: str, prefix_chars: int, budget: int, truncation: Truncation, name: str
+    ) -> list[int]:
+        enc: Encoding = self._tok.encode(text, add_special_tokens=False)
+        if truncation is Truncation.REFUSE:
+            raise InputTooLongError(name, len(enc.ids) + self.special_count, self.max_tokens)
+        if truncation is Truncation.END:
+            return enc.ids[:budget]
+        # From the start: keep the instruction prefix and the end of the text.
+        n_prefix = sum(1 for start, _ in enc.offsets if start < prefix_chars)
+        if n_prefix >= budget:
+            raise InvalidInputError(
+                name,
+                f"the instruction alone takes {n_prefix + self.special_count} tokens, "
+                f"leaving no room under the limit of {self.max_tokens}",
+            )
+        return enc.ids[:n_prefix] + enc.ids[len(enc.ids) - (budget - n_prefix) :]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,288 @@
+"""A tiny, deterministic stand-in for Qwen3-Embedding that needs no model hub.
+
+The real Qwen3-Embedding weights cannot be downloaded here, so tests build this folder instead.
+It has the same file layout and the same behaviour that the service depends on:
+
+- config.json says ``Qwen3ForCausalLM``; vLLM's ``runner="pooling"`` turns it into an embedding
+  model, exactly as it does for the real checkpoint;
+- the weights are those of the base ``Qwen3Model`` (keys without a ``model.`` prefix), as in the
+  real checkpoint;
+- the tokenizer is a byte-level BPE whose post-processor appends ``<|endoftext|>`` to every
+  sequence, and ``<|endoftext|>`` is also the pad token. The special tokens come after the BPE
+  vocabulary, as in Qwen's tokenizer, so nothing can get away with assuming that pad is id 0;
+- the sentence-transformers files ask for last-token pooling plus normalization, and carry the
+  query prompt.
+
+``max_position_embeddings`` is only 128 so that tests of truncation stay short.
+Building it is deterministic: the same bytes every run, given the same CPython (its docstrings
+are the tokenizer's training text) and the same torch (its random generator makes the weights).
+It takes a few seconds, most of it importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import sysconfig
+from typing import Any
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
+VOCAB_SIZE = 1000
+MAX_POSITIONS = 128
+HIDDEN_SIZE = 128
+SEED = 1234
+
+# The special tokens are appended after the BPE vocabulary, like Qwen's (151643 = EOS there).
+BPE_VOCAB_SIZE = VOCAB_SIZE - len(SPECIAL_TOKENS)
+EOS_TOKEN_ID = BPE_VOCAB_SIZE
+
+QUERY_PROMPT = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+)
+
+# Qwen2/Qwen3's pre-tokenizer split, copied from their tokenizer.json.
+_QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Real English prose that every CPython 3.11 install has on disk: the licence text and the
+# docstrings of these modules. A fixed list in a fixed order keeps the training input stable.
+_CORPUS_MODULES = (
+    "argparse.py",
+    "asyncio/events.py",
+    "asyncio/queues.py",
+    "asyncio/tasks.py",
+    "collections/__init__.py",
+    "concurrent/futures/_base.py",
+    "contextlib.py",
+    "dataclasses.py",
+    "email/message.py",
+    "functools.py",
+    "http/client.py",
+    "json/__init__.py",
+    "logging/__init__.py",
+    "pathlib.py",
+    "shutil.py",
+    "subprocess.py",
+    "textwrap.py",
+    "threading.py",
+    "typing.py",
+    "unittest/case.py",
+    "urllib/parse.py",
+    "zipfile.py",
+)
+
+# Qwen3-Embedding-0.6B's config.json, scaled down. Legacy keys (torch_dtype, rope_theta) are kept
+# on purpose: the real file has them, so vLLM and transformers must cope with them here too.
+_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": EOS_TOKEN_ID,
+    "eos_token_id": EOS_TOKEN_ID,
+    "pad_token_id": EOS_TOKEN_ID,
+    "head_dim": 64,  # CPU attention in vLLM rejects head_dim 16; 64 works
+    "hidden_act": "silu",
+    "hidden_size": HIDDEN_SIZE,
+    # Larger than Qwen's 0.02 so that vectors depend more on the text: queries that share the
+    # long instruction prefix came out at mean cosine 0.87 with 0.02 and 0.68 with 0.2.
+    "initializer_range": 0.2,
+    "intermediate_size": 256,
+    "max_position_embeddings": MAX_POSITIONS,
+    "max_window_layers": 2,
+    "model_type": "qwen3",
+    "num_attention_heads": 2,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,  # as in the 0.6B; the embedder has no lm_head anyway
+    "torch_dtype": "float32",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": VOCAB_SIZE,
+}
+
+
+def build_tiny_qwen3(target: pathlib.Path) -> pathlib.Path:
+    """Write the tiny model folder into ``target`` (created if needed) and return it."""
+    target = pathlib.Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    _write_json(target / "config.json", _CONFIG)
+    _write_weights(target / "model.safetensors")
+    _write_tokenizer(target)
+    _write_sentence_transformers_files(target)
+    return target
+
+
+def _write_json(path: pathlib.Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_weights(path: pathlib.Path) -> None:
+    # Imported here: torch and transformers are slow to import, and only this step needs them.
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3Config, Qwen3Model
+
+    config = Qwen3Config(**{k: v for k, v in _CONFIG.items() if k != "architectures"})
+    # fork_rng: a fixed seed for the weights without disturbing the caller's random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3Model(config)
+        # transformers initialises RMSNorm weights to exactly 1, which makes every raw (not yet
+        # normalized) last-token vector have norm sqrt(hidden_size). Trained models do not, and
+        # tests of normalization should not pass by that accident, so jitter them.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(0.2 * torch.randn_like(param))
+    # Save the base model's tensors without a "model." prefix, as Qwen3-Embedding does.
+    # Non-persistent buffers (rotary inv_freq) are not in the state dict, as in a real checkpoint.
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items()}
+    if any(t.dtype != torch.float32 for t in tensors.values()):
+        raise RuntimeError("expected float32 weights")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _corpus() -> list[str]:
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / "LICENSE.txt").read_text(encoding="utf-8")]
+    for relative in _CORPUS_MODULES:
+        tree = ast.parse((stdlib / relative).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    texts.append(doc)
+    return texts
+
+
+def _train_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        # All 256 byte symbols, so any text can be encoded and nothing is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    if tokenizer.get_vocab_size() != BPE_VOCAB_SIZE:
+        raise RuntimeError(f"BPE vocabulary is {tokenizer.get_vocab_size()}, not {BPE_VOCAB_SIZE}")
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    if tokenizer.token_to_id(EOS_TOKEN) != EOS_TOKEN_ID:
+        raise RuntimeError(f"{EOS_TOKEN} got id {tokenizer.token_to_id(EOS_TOKEN)}")
+    # Qwen3-Embedding's tokenizer appends EOS to every sequence; the model pools on it.
+    tokenizer.post_processor = TemplateProcessing(
+        single=f"$A:0 {EOS_TOKEN}:0",
+        pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
+        special_tokens=[(EOS_TOKEN, EOS_TOKEN_ID)],
+    )
+    # The service truncates and pads on its own; the tokenizer must not do it behind its back.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _write_tokenizer(target: pathlib.Path) -> None:
+    _train_tokenizer().save(str(target / "tokenizer.json"), pretty=True)
+    added_tokens = {
+        str(EOS_TOKEN_ID + i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(SPECIAL_TOKENS)
+    }
+    _write_json(
+        target / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": added_tokens,
+            "bos_token": None,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": EOS_TOKEN,
+            "model_max_length": MAX_POSITIONS,
+            "pad_token": EOS_TOKEN,
+            "padding_side": "left",  # as Qwen3-Embedding: the last position is always the EOS
+            "split_special_tokens": False,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "unk_token": None,
+        },
+    )
+    _write_json(
+        target / "special_tokens_map.json",
+        {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN},
+    )
+
+
+def _write_sentence_transformers_files(target: pathlib.Path) -> None:
+    _write_json(
+        target / "modules.json",
+        [
+            {
+                "idx": 0,
+                "name": "0",
+                "path": "",
+                "type": "sentence_transformers.models.Transformer",
+            },
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            },
+        ],
+    )
+    _write_json(
+        target / "1_Pooling" / "config.json",
+        {
+            "word_embedding_dimension": HIDDEN_SIZE,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": False,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": True,
+            "include_prompt": True,
+        },
+    )
+    _write_json(
+        target / "config_sentence_transformers.json",
+        {
+            "prompts": {"query": QUERY_PROMPT, "document": ""},
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+        },
+    )
+    _write_json(
+        target / "sentence_bert_config.json",
+        {"max_seq_length": MAX_POSITIONS, "do_lower_case": False},
+    )

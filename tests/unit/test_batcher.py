@@ -1,0 +1,615 @@
+"""Unit tests of the dynamic batcher against a deterministic fake engine.
+
+No assertion depends on how fast this machine is: ordering is driven by an asyncio.Event gate
+in the fake engine, by an injectable clock, or by yielding to the loop a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.batching import (
+    Batcher,
+    BatcherClosedError,
+    BatcherLimits,
+    DeadlineExpiredError,
+    ItemResult,
+    Priority,
+    QueueFullError,
+)
+from service.engines.base import EngineInfo
+
+DIM = 3
+LIMITS = BatcherLimits(
+    max_batch_tokens=100,
+    max_batch_items=8,
+    max_wait_s=0.0,
+    max_queue_tokens=1000,
+    max_queue_items=100,
+)
+GUARD_S = 5.0  # only a hang guard: a passing run never gets near it
+
+
+def row_for(ids: Sequence[int]) -> list[float]:
+    """The fake engine's vector: identifies the item (first id) and its length."""
+    return [float(ids[0]), float(len(ids)), float(sum(ids))]
+
+
+class FakeEngine:
+    """Deterministic engine: records every batch, can be gated, made slow, or made to fail."""
+
+    def __init__(self, yields: Sequence[int] = (0,)) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.errors: list[Exception] = []
+        self.yields = list(yields)  # loop yields per call, cycled: varies interleavings
+        self.active = 0
+        self.max_active = 0
+        self.cancelled = 0
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("fake", DIM, 10_000, "float32", "last")
+
+    def hold(self) -> None:
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
+
+    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+        call = len(self.batches)
+        self.batches.append([list(ids) for ids in batch])
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            for _ in range(self.yields[call % len(self.yields)]):
+                await asyncio.sleep(0)
+            await self.gate.wait()
+            if self.errors:
+                raise self.errors.pop(0)
+            return np.array([row_for(ids) for ids in batch], dtype=np.float32)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def spin(times: int = 50) -> None:
+    """Let every runnable task make progress (bounded, so 'nothing happened' is checkable)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+async def wait_until(cond: Callable[[], bool], spins: int = 2000) -> None:
+    for _ in range(spins):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+def ids(tag: int, n: int) -> list[int]:
+    return [tag] * n
+
+
+def firsts(engine: FakeEngine) -> list[list[int]]:
+    """Each engine batch as the tags of its items."""
+    return [[item[0] for item in batch] for batch in engine.batches]
+
+
+@contextlib.asynccontextmanager
+async def running(
+    engine: FakeEngine,
+    limits: BatcherLimits = LIMITS,
+    clock: Callable[[], float] | None = None,
+    start: bool = True,
+) -> AsyncIterator[Batcher]:
+    batcher = Batcher(engine, limits) if clock is None else Batcher(engine, limits, clock)
+    if start:
+        await batcher.start()
+    try:
+        yield batcher
+    finally:
+        engine.release()
+        await asyncio.wait_for(batcher.close(), GUARD_S)
+
+
+async def results(futures: Sequence[asyncio.Future[ItemResult]]) -> list[ItemResult]:
+    return await asyncio.wait_for(asyncio.gather(*futures), GUARD_S)
+
+
+# ----------------------------------------------------------------------------- property
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[BatcherLimits, list[tuple[int, Priority]], list[int]]:
+    max_batch_tokens = draw(st.integers(1, 40))
+    share = draw(st.sampled_from([0.5, 0.75, 1.0]))
+    limits = BatcherLimits(
+        max_batch_tokens=max_batch_tokens,
+        max_batch_items=draw(st.integers(1, 6)),
+        max_wait_s=draw(st.sampled_from([0.0, 0.001])),
+        # Room for at least one largest item at the BULK share, so every item can be admitted.
+        max_queue_tokens=draw(st.integers(2 * max_batch_tokens, 6 * max_batch_tokens)),
+        max_queue_items=draw(st.integers(2, 20)),
+        bulk_queue_share=share,
+        max_inflight_batches=draw(st.integers(1, 3)),
+    )
+    items = draw(
+        st.lists(
+            st.tuples(st.integers(1, max_batch_tokens), st.sampled_from(list(Priority))),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    yields = draw(st.lists(st.integers(0, 3), min_size=1, max_size=5))
+    return limits, items, yields
+
+
+async def run_scenario(
+    limits: BatcherLimits, items: list[tuple[int, Priority]], yields: list[int]
+) -> None:
+    engine = FakeEngine(yields)
+    futures: list[asyncio.Future[ItemResult]] = []
+    async with running(engine, limits) as batcher:
+        for tag, (n, priority) in enumerate(items, start=1):
+            futures.append(await batcher.submit_when_ready(ids(tag, n), priority))
+            assert batcher.queued_tokens <= limits.max_queue_tokens
+            assert batcher.queued_items <= limits.max_queue_items
+        got = await results(futures)
+        assert batcher.queued_items == 0
+        assert batcher.queued_tokens == 0
+
+    # Every caller got exactly its own vector.
+    for tag, ((n, _), result) in enumerate(zip(items, got, strict=True), start=1):
+        assert result.vector.tolist() == row_for(ids(tag, n))
+    # Every batch within budget; nothing lost, nothing duplicated.
+    for batch in engine.batches:
+        assert 1 <= len(batch) <= limits.max_batch_items
+        assert sum(len(i) for i in batch) <= limits.max_batch_tokens
+    dispatched = [tag for batch in firsts(engine) for tag in batch]
+    assert Counter(dispatched) == Counter(range(1, len(items) + 1))
+    # FIFO within a priority, across dispatches; INTERACTIVE ahead of BULK inside a batch.
+    priority_of = {tag: p for tag, (_, p) in enumerate(items, start=1)}
+    for priority in Priority:
+        order = [t for t in dispatched if priority_of[t] is priority]
+        assert order == sorted(order)
+    for batch_tags in firsts(engine):
+        prios = [priority_of[t] for t in batch_tags]
+        assert prios == sorted(prios)
+    assert engine.max_active <= limits.max_inflight_batches
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_batches_respect_budget_and_every_item_gets_its_own_vector(
+    scenario: tuple[BatcherLimits, list[tuple[int, Priority]], list[int]],
+) -> None:
+    # A fresh loop per example: no state can leak between examples.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(run_scenario(*scenario), GUARD_S))
+
+
+# ----------------------------------------------------------------------------- ordering
+
+
+async def test_interactive_goes_before_earlier_bulk_when_engine_busy() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=3, max_inflight_batches=1)
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        first = batcher.submit([ids(1, 1)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        bulk = batcher.submit([ids(2, 1), ids(3, 1), ids(4, 1)], Priority.BULK)
+        interactive = batcher.submit([ids(5, 1), ids(6, 1)], Priority.INTERACTIVE)
+        await spin()
+        assert firsts(engine) == [[1]]
+        engine.release()
+        await results(first + bulk + interactive)
+    assert firsts(engine) == [[1], [5, 6, 2], [3, 4]]
+
+
+async def test_big_item_is_not_overtaken_within_its_priority() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_tokens=10, max_inflight_batches=1)
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        first = batcher.submit([ids(1, 1)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        rest = batcher.submit([ids(2, 6), ids(3, 6), ids(4, 1)], Priority.BULK)
+        engine.release()
+        await results(first + rest)
+    # 3 does not fit after 2, and 4 may not jump ahead of 3.
+    assert firsts(engine) == [[1], [2], [3, 4]]
+
+
+# ----------------------------------------------------------------------------- max_wait
+
+
+async def test_lone_item_is_held_until_max_wait() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_wait_s=0.05)
+    async with running(engine, limits) as batcher:
+        [future] = batcher.submit([ids(1, 2)], Priority.INTERACTIVE)
+        await spin()
+        assert engine.batches == []
+        [result] = await results([future])
+    assert firsts(engine) == [[1]]
+    assert result.queue_s >= limits.max_wait_s
+
+
+async def test_wait_counts_from_the_oldest_item() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_wait_s=30.0)  # the real timer never fires in this test
+    async with running(engine, limits, clock) as batcher:
+        # The oldest item is BULK: it still sets the clock for a batch led by INTERACTIVE.
+        futures = batcher.submit([ids(1, 1)], Priority.BULK)
+        await spin()
+        clock.now = 29.9
+        futures += batcher.submit([ids(2, 1)], Priority.INTERACTIVE)
+        await spin()
+        assert engine.batches == []
+        clock.now = 30.0
+        futures += batcher.submit([ids(3, 1)], Priority.INTERACTIVE)
+        got = await results(futures)
+    assert firsts(engine) == [[2, 3, 1]]
+    assert [r.queue_s for r in got] == [30.0, pytest.approx(0.1), 0.0]
+
+
+async def test_full_batch_goes_at_once() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=3, max_wait_s=3600.0)
+    async with running(engine, limits) as batcher:
+        await results(batcher.submit([ids(1, 1), ids(2, 1), ids(3, 1)], Priority.BULK))
+    assert firsts(engine) == [[1, 2, 3]]
+
+
+async def test_batch_full_by_tokens_goes_at_once() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_tokens=10, max_wait_s=3600.0)
+    async with running(engine, limits) as batcher:
+        first, second = batcher.submit([ids(1, 6), ids(2, 6)], Priority.BULK)
+        await results([first])
+        await spin()
+    assert firsts(engine) == [[1]]  # 2 is alone and still within its wait when closed
+    assert isinstance(second.exception(), BatcherClosedError)
+
+
+async def test_items_that_waited_behind_a_busy_engine_go_immediately() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=2, max_wait_s=10.0, max_inflight_batches=1)
+    async with running(engine, limits, clock) as batcher:
+        engine.hold()
+        futures = batcher.submit([ids(1, 1), ids(2, 1)], Priority.BULK)  # full: goes now
+        await wait_until(lambda: engine.active == 1)
+        futures += batcher.submit([ids(3, 1)], Priority.BULK)
+        clock.now = 11.0
+        engine.release()  # no further submit: the freed slot alone must trigger dispatch
+        await results(futures)
+    assert firsts(engine) == [[1, 2], [3]]
+
+
+# ----------------------------------------------------------------------------- pipelining
+
+
+async def test_two_batches_in_flight_never_three() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=1, max_inflight_batches=2)
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        futures = batcher.submit([ids(t, 1) for t in range(1, 6)], Priority.BULK)
+        await wait_until(lambda: engine.active == 2)
+        await spin()
+        assert engine.active == 2
+        assert batcher.inflight_batches == 2
+        assert batcher.queued_items == 3
+        engine.release()
+        await results(futures)
+    assert engine.max_active == 2
+    assert firsts(engine) == [[1], [2], [3], [4], [5]]
+
+
+# ----------------------------------------------------------------------------- callers gone
+
+
+async def test_cancelled_queued_item_is_released_and_never_sent() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=1, max_inflight_batches=1)
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        first = batcher.submit([ids(1, 1)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        gone, kept = batcher.submit([ids(2, 5), ids(3, 7)], Priority.BULK)
+        assert (batcher.queued_items, batcher.queued_tokens) == (2, 12)
+        gone.cancel()
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert (batcher.queued_items, batcher.queued_tokens) == (1, 7)
+        engine.release()
+        await results([*first, kept])
+    assert firsts(engine) == [[1], [3]]
+
+
+async def test_many_cancellations_keep_counters_and_order_right() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=7, max_queue_items=1000)
+    async with running(engine, limits, start=False) as batcher:
+        futures = batcher.submit([ids(t, 1) for t in range(1, 301)], Priority.INTERACTIVE)
+        for tag, future in enumerate(futures, start=1):
+            if tag % 3:
+                future.cancel()  # enough dead entries to force the deques to be compacted
+        await spin(5)
+        assert (batcher.queued_items, batcher.queued_tokens) == (100, 100)
+        # Memory stays bounded: cancelled entries do not pile up in the queue (white-box).
+        assert len(batcher._queues[Priority.INTERACTIVE]) < 200
+        await batcher.start()
+        await results(futures[2::3])
+    assert [t for batch in firsts(engine) for t in batch] == list(range(3, 301, 3))
+
+
+async def test_cancelling_every_item_of_a_running_batch_cancels_the_engine_call() -> None:
+    engine = FakeEngine()
+    async with running(engine) as batcher:
+        engine.hold()
+        futures = batcher.submit([ids(1, 1), ids(2, 1)], Priority.INTERACTIVE)
+        await wait_until(lambda: engine.active == 1)
+        futures[0].cancel()
+        await spin()
+        assert engine.cancelled == 0  # one caller is still waiting
+        futures[1].cancel()
+        await wait_until(lambda: engine.cancelled == 1)
+        await wait_until(lambda: batcher.inflight_batches == 0)
+        # The batcher keeps serving after an aborted batch.
+        engine.release()
+        [result] = await results(batcher.submit([ids(3, 1)], Priority.INTERACTIVE))
+    assert result.vector.tolist() == row_for(ids(3, 1))
+
+
+async def test_partly_cancelled_batch_still_serves_the_rest() -> None:
+    engine = FakeEngine()
+    async with running(engine) as batcher:
+        engine.hold()
+        gone, kept = batcher.submit([ids(1, 1), ids(2, 1)], Priority.INTERACTIVE)
+        await wait_until(lambda: engine.active == 1)
+        gone.cancel()
+        await spin()
+        engine.release()
+        [result] = await results([kept])
+    assert engine.cancelled == 0
+    assert gone.cancelled()
+    assert result.vector.tolist() == row_for(ids(2, 1))
+
+
+async def test_expired_items_fail_and_are_not_sent() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=1, max_inflight_batches=1)
+    async with running(engine, limits, clock) as batcher:
+        engine.hold()
+        first = batcher.submit([ids(1, 1)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        [late] = batcher.submit([ids(2, 1)], Priority.BULK, deadline=5.0)
+        [in_time] = batcher.submit([ids(3, 1)], Priority.BULK, deadline=100.0)
+        [no_deadline] = batcher.submit([ids(4, 1)], Priority.BULK)
+        clock.now = 6.0
+        engine.release()
+        with pytest.raises(DeadlineExpiredError):
+            await asyncio.wait_for(late, GUARD_S)
+        await results([*first, in_time, no_deadline])
+        assert batcher.queued_items == 0
+    assert firsts(engine) == [[1], [3], [4]]
+
+
+# ----------------------------------------------------------------------------- backpressure
+
+# Queue: 20 tokens / 4 items; BULK may take 10 tokens / 2 items of it.
+SMALL_QUEUE = replace(
+    LIMITS, max_batch_tokens=10, max_queue_tokens=20, max_queue_items=4, bulk_queue_share=0.5
+)
+
+
+async def test_bulk_refused_at_its_token_share_while_interactive_admitted() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        batcher.submit([ids(1, 10)], Priority.BULK)
+        with pytest.raises(QueueFullError) as refused:
+            batcher.submit([ids(2, 1)], Priority.BULK)
+        assert refused.value.retry_after_s > 0
+        assert "tokens" in refused.value.reason
+        assert "BULK share" in refused.value.reason
+        batcher.submit([ids(3, 5), ids(4, 5)], Priority.INTERACTIVE)
+        assert batcher.queued_tokens == 20
+        with pytest.raises(QueueFullError) as full:
+            batcher.submit([ids(5, 1)], Priority.INTERACTIVE)
+        assert full.value.retry_after_s > 0
+        assert "max_queue_tokens" in full.value.reason
+        assert "BULK" not in full.value.reason
+
+
+async def test_item_bound_and_all_or_nothing_admission() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        batcher.submit([ids(1, 1), ids(2, 1)], Priority.BULK)
+        with pytest.raises(QueueFullError) as refused:
+            batcher.submit([ids(3, 1)], Priority.BULK)
+        assert "items" in refused.value.reason
+        # Three interactive items would fit the tokens but not the items: none is admitted.
+        with pytest.raises(QueueFullError):
+            batcher.submit([ids(4, 1), ids(5, 1), ids(6, 1)], Priority.INTERACTIVE)
+        assert (batcher.queued_items, batcher.queued_tokens) == (2, 2)
+        batcher.submit([ids(7, 1), ids(8, 1)], Priority.INTERACTIVE)
+        assert batcher.queued_items == 4
+
+
+async def test_invalid_items_are_rejected() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        with pytest.raises(ValueError, match="at least one token"):
+            batcher.submit([ids(1, 1), []], Priority.INTERACTIVE)
+        with pytest.raises(ValueError, match="max_batch_tokens"):
+            await batcher.submit_when_ready(ids(2, 11))
+        with pytest.raises(QueueFullError, match="never"):
+            batcher.submit([ids(3, 5)] * 5, Priority.INTERACTIVE)  # 5 items > 4: never fits
+        assert batcher.queued_items == 0
+
+
+async def test_submit_when_ready_waits_then_proceeds_when_space_frees() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        [blocker] = batcher.submit([ids(1, 10)], Priority.BULK)
+        waiter = asyncio.create_task(batcher.submit_when_ready(ids(2, 4)))
+        await spin()
+        assert not waiter.done()
+        assert batcher.queued_tokens == 10
+        blocker.cancel()
+        future = await asyncio.wait_for(waiter, GUARD_S)
+        assert not future.done()
+        assert (batcher.queued_items, batcher.queued_tokens) == (1, 4)
+
+
+async def test_waiters_are_admitted_in_fifo_order() -> None:
+    limits = replace(SMALL_QUEUE, max_queue_items=100)  # only the token bound matters here
+    async with running(FakeEngine(), limits, start=False) as batcher:
+        a, b = batcher.submit([ids(1, 4), ids(2, 5)], Priority.BULK)  # 9 of 10 BULK tokens
+        big = asyncio.create_task(batcher.submit_when_ready(ids(3, 5)))
+        await spin()
+        small = asyncio.create_task(batcher.submit_when_ready(ids(4, 1)))
+        await spin()
+        # 1 token is free, but the small item may not overtake the big one.
+        assert not big.done()
+        assert not small.done()
+        with pytest.raises(QueueFullError, match="waiting"):
+            batcher.submit([ids(5, 1)], Priority.BULK)
+        a.cancel()
+        await spin()
+        assert big.done()
+        assert not small.done()
+        b.cancel()
+        await spin()
+        assert small.done()
+        assert batcher.queued_tokens == 6
+
+
+async def test_cancelled_waiter_leaves_no_trace() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        [blocker] = batcher.submit([ids(1, 10)], Priority.BULK)
+        waiter = asyncio.create_task(batcher.submit_when_ready(ids(2, 4)))
+        await spin()
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (batcher.queued_items, batcher.queued_tokens) == (1, 10)
+        blocker.cancel()
+        await spin()
+        assert (batcher.queued_items, batcher.queued_tokens) == (0, 0)
+
+
+async def test_waiter_cancelled_right_after_admission_gives_its_space_back() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        [blocker] = batcher.submit([ids(1, 10)], Priority.BULK)
+        waiter = asyncio.create_task(batcher.submit_when_ready(ids(2, 4)))
+        await spin()
+        blocker.cancel()
+        await asyncio.sleep(0)  # the blocker's done-callback admits the waiter ...
+        assert batcher.queued_tokens == 4
+        assert not waiter.done()
+        waiter.cancel()  # ... which is cancelled before it can resume
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert (batcher.queued_items, batcher.queued_tokens) == (0, 0)
+
+
+async def test_interactive_waiter_is_not_blocked_by_a_bulk_waiter() -> None:
+    async with running(FakeEngine(), SMALL_QUEUE, start=False) as batcher:
+        [bulk] = batcher.submit([ids(1, 10)], Priority.BULK)
+        [interactive] = batcher.submit([ids(2, 10)], Priority.INTERACTIVE)
+        bulk_waiter = asyncio.create_task(batcher.submit_when_ready(ids(3, 1)))
+        urgent = asyncio.create_task(batcher.submit_when_ready(ids(4, 1), Priority.INTERACTIVE))
+        await spin()
+        assert not bulk_waiter.done()
+        assert not urgent.done()
+        interactive.cancel()  # frees total space but not BULK share
+        await spin()
+        assert urgent.done()
+        assert not bulk_waiter.done()
+        bulk.cancel()
+        await spin()
+        assert bulk_waiter.done()
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+async def test_engine_error_reaches_every_item_of_the_batch_only() -> None:
+    engine = FakeEngine()
+    boom = RuntimeError("boom")
+    engine.errors.append(boom)
+    async with running(engine) as batcher:
+        futures = batcher.submit([ids(1, 1), ids(2, 1)], Priority.INTERACTIVE)
+        for future in futures:
+            with pytest.raises(RuntimeError) as raised:
+                await asyncio.wait_for(future, GUARD_S)
+            assert raised.value is boom
+        [result] = await results(batcher.submit([ids(3, 1)], Priority.INTERACTIVE))
+    assert result.vector.tolist() == row_for(ids(3, 1))
+    assert firsts(engine) == [[1, 2], [3]]
+
+
+async def test_close_fails_queued_drains_inflight_and_refuses_new_work() -> None:
+    engine = FakeEngine()
+    limits = replace(SMALL_QUEUE, max_batch_items=1, max_inflight_batches=1)
+    batcher = Batcher(engine, limits)
+    await batcher.start()
+    engine.hold()
+    [running_item] = batcher.submit([ids(1, 1)], Priority.BULK)
+    await wait_until(lambda: engine.active == 1)
+    [queued] = batcher.submit([ids(2, 10)], Priority.BULK)
+    waiter = asyncio.create_task(batcher.submit_when_ready(ids(3, 1)))
+    await spin()
+    closing = asyncio.create_task(batcher.close())
+    with pytest.raises(BatcherClosedError):
+        await asyncio.wait_for(queued, GUARD_S)
+    with pytest.raises(BatcherClosedError):
+        await asyncio.wait_for(waiter, GUARD_S)
+    await spin()
+    assert not closing.done()  # still draining the in-flight batch
+    with pytest.raises(BatcherClosedError):
+        batcher.submit([ids(4, 1)], Priority.INTERACTIVE)
+    with pytest.raises(BatcherClosedError):
+        await batcher.submit_when_ready(ids(5, 1))
+    engine.release()
+    await asyncio.wait_for(closing, GUARD_S)
+    assert running_item.result().vector.tolist() == row_for(ids(1, 1))
+    assert (batcher.queued_items, batcher.inflight_batches) == (0, 0)
+    await asyncio.wait_for(batcher.close(), GUARD_S)  # idempotent
+    assert firsts(engine) == [[1]]
+
+
+def test_limits_are_validated() -> None:
+    with pytest.raises(ValueError):
+        replace(LIMITS, max_batch_tokens=0)
+    with pytest.raises(ValueError):
+        replace(LIMITS, bulk_queue_share=0.0)
+    with pytest.raises(ValueError):
+        replace(LIMITS, max_wait_s=-1.0)
