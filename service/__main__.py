@@ -21,8 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
-    return 0
+        return runner.run(serve(config))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,30 @@ class Batcher:
     def inflight_batches(self) -> int:
         return len(self._inflight)
 
+    def oldest_inflight_age_s(self) -> float:
+        """How long the oldest batch has been in the engine: a watchdog's view of a hang."""
+        now = self._clock()
+        return max((now - b.dispatched_at for b in self._inflight), default=0.0)
+
+    def estimated_wait_s(self, priority: Priority) -> float:
+        """Rough time until a new item of this priority is embedded, from recent batches."""
+        ahead = sum(self._tokens[p] for p in Priority if p <= priority)
+        batches = 1 + ahead // self._limits.max_batch_tokens
+        return batches * self._batch_latency_s / self._limits.max_inflight_batches
+
+    def fail_all(self, error: Exception) -> None:
+        """The engine is gone: every caller, queued, waiting or in flight, gets `error`."""
+        self._closing = True
+        self._fail_queued(error)
+        self._fail_waiters(error)
+        for batch in list(self._inflight):
+            for item in batch.items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            if batch.task is not None:
+                batch.task.cancel()
+        self._wakeup.set()
+
     async def start(self) -> None:
         if self._task is None and not self._closing:
             self._task = asyncio.create_task(self._run(), name="batcher")
@@ -428,22 +452,22 @@ class Batcher:
                 return item
         return None
 
-    def _fail_queued(self) -> None:
+    def _fail_queued(self, error: Exception | None = None) -> None:
         for queue in self._queues.values():
             while queue:
                 item = queue.popleft()
                 if item.queued:
                     self._release(item)
                     if not item.future.done():
-                        item.future.set_exception(BatcherClosedError("batcher closed"))
+                        item.future.set_exception(error or BatcherClosedError("batcher closed"))
         self._dead = 0
 
-    def _fail_waiters(self) -> None:
+    def _fail_waiters(self, error: Exception | None = None) -> None:
         for waiters in self._waiters.values():
             while waiters:
                 waiter = waiters.popleft()
                 if not waiter.granted.done():
-                    waiter.granted.set_exception(BatcherClosedError("batcher closed"))
+                    waiter.granted.set_exception(error or BatcherClosedError("batcher closed"))
 
     # ------------------------------------------------------------------- the actor
 

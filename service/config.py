@@ -17,8 +17,9 @@ ENV_PREFIX = "EMBED_"
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _opt(default: Any, help: str, secret: bool = False) -> Any:
+    # Secrets stay out of repr(), hence out of logs.
+    return field(default=default, metadata={"help": help}, repr=not secret)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ServiceConfig:
     port: int = _opt(50051, "gRPC port")
     max_request_bytes: int = _opt(32 * 1024 * 1024, "largest request message accepted")
     grace_s: float = _opt(20.0, "drain time for in-flight calls on SIGTERM")
+    max_connection_age_s: float = _opt(
+        300.0,
+        "close client connections after this long so clients re-resolve and spread (0: never)",
+    )
 
     # Model and engine
     model: str = _opt(
@@ -67,6 +72,25 @@ class ServiceConfig:
     max_input_chars: int = _opt(262144, "characters per input, checked before tokenizing")
     stream_max_inflight: int = _opt(1024, "items of one stream accepted but not yet answered")
 
+    max_request_tokens: int = _opt(
+        131072, "tokens per Embed call (and per side of a Similarity call)"
+    )
+    engine_timeout_s: float = _opt(
+        120.0, "a batch running longer than this means the engine hung: the process exits 1"
+    )
+
+    # Security
+    api_keys: str = _opt(
+        "", "comma-separated API keys for the embedding RPCs (empty: no keys)", secret=True
+    )
+    api_keys_file: str = _opt("", "file with one API key per line")
+    tls_cert_file: str = _opt("", "PEM server certificate (chain); enables TLS with tls-key-file")
+    tls_key_file: str = _opt("", "PEM private key of the server certificate")
+    tls_client_ca_file: str = _opt("", "PEM CA bundle; when set, clients must present a cert")
+    health_port: int = _opt(
+        0, "extra plaintext port with only health (kubelet probes send no TLS); 0: none"
+    )
+
     log_level: str = _opt("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -76,6 +100,12 @@ class ServiceConfig:
             raise ValueError("max_queue_tokens must be at least max_batch_tokens")
         if not 0 < self.bulk_queue_share <= 1:
             raise ValueError("bulk_queue_share must be in (0, 1]")
+        if self.max_request_tokens > self.max_queue_tokens:
+            raise ValueError("max_request_tokens must not exceed max_queue_tokens")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file")
 
 
 def _parse_bool(text: str) -> bool:

@@ -15,6 +15,7 @@ import numpy as np
 
 from service import postprocess
 from service.batching import Batcher, ItemResult, Priority
+from service.errors import InvalidInputError
 from service.tokenization import TextTokenizer, TokenizedInput, Truncation
 
 
@@ -47,18 +48,30 @@ class EmbedOutcome:
         return sum(len(t.ids) for t in self.inputs)
 
 
+class DeadlineTooShortError(Exception):
+    """The caller's deadline ends before the queue could plausibly serve it."""
+
+
 class Embedder:
-    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher) -> None:
+    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, max_request_tokens: int) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
+        self._max_request_tokens = max_request_tokens
 
     async def embed(
         self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
     ) -> EmbedOutcome:
         """Interactive path: all texts are admitted together or the call is refused."""
+        self._check_deadline(deadline)
         started = time.perf_counter()
         inputs = await self._tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
         tokenized = time.perf_counter()
+        total = sum(len(t.ids) for t in inputs)
+        if total > self._max_request_tokens:
+            raise InvalidInputError(
+                field,
+                f"{total} tokens in one request exceed the limit of {self._max_request_tokens}",
+            )
         futures = self._batcher.submit([t.ids for t in inputs], Priority.INTERACTIVE, deadline)
         results = await _gather(futures)
         return _outcome(inputs, results, spec, tokenized - started)
@@ -75,6 +88,19 @@ class Embedder:
         future = await self._batcher.submit_when_ready(inputs[0].ids, Priority.BULK, deadline)
         results = await _gather([future])
         return _outcome(inputs, results, spec, tokenized - started)
+
+    def _check_deadline(self, deadline: float | None) -> None:
+        # Refusing now is kinder than queueing work that will be thrown away: the caller can
+        # retry elsewhere while its deadline still means something.
+        if deadline is None:
+            return
+        remaining = deadline - time.monotonic()
+        expected = self._batcher.estimated_wait_s(Priority.INTERACTIVE)
+        if remaining < expected:
+            raise DeadlineTooShortError(
+                f"deadline of {max(remaining, 0) * 1000:.0f}ms is shorter than the expected "
+                f"wait of {expected * 1000:.0f}ms"
+            )
 
 
 async def _gather(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:

@@ -4,7 +4,6 @@ with standard health, reflection and a drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -18,11 +17,12 @@ from grpc_reflection.v1alpha import reflection
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from service.api.auth import ApiKeyInterceptor, load_keys
 from service.api.servicer import EmbeddingServicer, Runtime
 from service.api.validation import RequestLimits, RequestValidator
 from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
-from service.engines.base import Engine
+from service.engines.base import Engine, EngineUnavailableError
 from service.model_card import ModelCard, load_model_card, resolve_model_path
 from service.pipeline import Embedder
 from service.tokenization import TextTokenizer
@@ -30,8 +30,12 @@ from service.tokenization import TextTokenizer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
-# Health is reported for the whole server ("") and for the embedding service by name.
+# Readiness: the whole server ("") and the embedding service by name are SERVING only while
+# the engine is loaded and healthy and the server is not draining.
 HEALTH_SERVICES = ("", SERVICE_NAME)
+# Liveness: SERVING as soon as the process answers, whatever the engine is doing, so a
+# busy or loading GPU never gets the pod restarted.
+LIVENESS_SERVICE = "liveness"
 
 EngineFactory = Callable[[ServiceConfig, Path, str], Engine]
 
@@ -136,7 +140,7 @@ async def build_components(config: ServiceConfig, engine_factory: EngineFactory)
         ),
     )
     runtime = Runtime(
-        embedder=Embedder(tokenizer, batcher),
+        embedder=Embedder(tokenizer, batcher, config.max_request_tokens),
         validator=validator,
         card=card,
         info=info,
@@ -153,7 +157,16 @@ async def warm_up(runtime: Runtime) -> None:
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
+    age: list[tuple[str, int]] = []
+    if config.max_connection_age_s > 0:
+        # Clients reconnect periodically, re-resolve DNS and spread onto new pods; the grace
+        # lets calls on the old connection finish.
+        age = [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
+        ]
     return [
+        *age,
         ("grpc.max_receive_message_length", config.max_request_bytes),
         # A second server on the same port must fail to bind, not share it silently.
         ("grpc.so_reuseport", 0),
@@ -163,13 +176,33 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
     ]
 
 
+def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert_file:
+        return None
+    key = Path(config.tls_key_file).read_bytes()
+    cert = Path(config.tls_cert_file).read_bytes()
+    client_ca = Path(config.tls_client_ca_file).read_bytes() if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _interceptors(config: ServiceConfig) -> list[grpc.aio.ServerInterceptor]:
+    keys = load_keys(config.api_keys, config.api_keys_file)
+    if keys:
+        log.info("API keys required on %s (%d configured)", SERVICE_NAME, len(keys))
+    return [ApiKeyInterceptor(keys)] if keys else []
+
+
 class EmbeddingServer:
     """The process's server: listens at once, reports SERVING once the engine is warm."""
 
     def __init__(self, config: ServiceConfig, engine_factory: EngineFactory = load_vllm_engine):
         self.config = config
         self._engine_factory = engine_factory
-        self.grpc = grpc.aio.server(options=grpc_options(config))
+        self.grpc = grpc.aio.server(
+            options=grpc_options(config), interceptors=_interceptors(config)
+        )
         self.servicer = EmbeddingServicer()
         self.health = health.aio.HealthServicer()
         pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.grpc)
@@ -177,13 +210,31 @@ class EmbeddingServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        credentials = _server_credentials(config)
+        self.port = (
+            self.grpc.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.grpc.add_insecure_port(address)
+        )
+        # Kubelet gRPC probes speak plaintext only; with TLS on, health gets its own port.
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        if config.health_port:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{config.host}:{config.health_port}"
+            )
         self._components: Components | None = None
 
     async def start(self) -> None:
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.grpc.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         log.info("listening on %s:%d; loading %s", self.config.host, self.port, self.config.model)
         self._components = await build_components(self.config, self._engine_factory)
         await warm_up(self._components.runtime)
@@ -192,29 +243,60 @@ class EmbeddingServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s", self._components.runtime.info.model_name)
 
-    async def stop(self) -> None:
+    async def watch_engine(self, interval_s: float = 1.0) -> str:
+        """Return why, once the engine has died or a batch has hung past engine_timeout_s."""
+        timeout = self.config.engine_timeout_s
+        while True:
+            await asyncio.sleep(interval_s)
+            c = self._components
+            if c is None:
+                continue
+            if not c.engine.alive:
+                return "the engine process died"
+            if c.batcher.oldest_inflight_age_s() > timeout:
+                return f"an engine batch has run for over {timeout:.0f}s"
+
+    async def fail(self, reason: str) -> None:
+        """The engine is gone: stop advertising, answer everyone waiting with UNAVAILABLE."""
+        log.error("engine failure: %s; exiting so the orchestrator restarts the process", reason)
+        for name in (*HEALTH_SERVICES, LIVENESS_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._components is not None:
+            self._components.batcher.fail_all(EngineUnavailableError(reason))
+
+    async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish."""
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(self.config.grace_s)
+        await self.grpc.stop(self.config.grace_s if grace_s is None else grace_s)
         if self._components is not None:
             await self._components.close()
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
 
-async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_vllm_engine) -> None:
+async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_vllm_engine) -> int:
+    """Run until SIGTERM/SIGINT (exit 0 after draining) or an engine failure (exit 1)."""
     server = EmbeddingServer(config, engine_factory)
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled.set)
     starting = asyncio.create_task(server.start())
-    stopping = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping = asyncio.create_task(signalled.wait())
+    watching = asyncio.create_task(server.watch_engine())
+    done, _ = await asyncio.wait(
+        {starting, stopping, watching}, return_when=asyncio.FIRST_COMPLETED
+    )
     if starting in done:
         starting.result()  # a failed start ends the process with its error
-        await stopping
-    else:
-        starting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await starting
+        done, _ = await asyncio.wait({stopping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (starting, stopping, watching):
+        task.cancel()
+    await asyncio.gather(starting, stopping, watching, return_exceptions=True)
+    if watching in done:
+        await server.fail(watching.result())
+        await server.stop(grace_s=1.0)
+        return 1
     log.info("draining for up to %.0fs", config.grace_s)
     await server.stop()
+    return 0

@@ -15,6 +15,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from service.batching import BatcherClosedError, DeadlineExpiredError, QueueFullError
 from service.engines.base import EngineUnavailableError
 from service.errors import InvalidInputError, NotReadyError
+from service.pipeline import DeadlineTooShortError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             error_details_pb2.RetryInfo(retry_delay=delay),
             error_details_pb2.ErrorInfo(reason="QUEUE_FULL", domain=ERROR_DOMAIN),
         )
+    if isinstance(exc, DeadlineTooShortError):
+        return _status(code_pb2.DEADLINE_EXCEEDED, str(exc))
     if isinstance(exc, DeadlineExpiredError | asyncio.TimeoutError):
         return _status(code_pb2.DEADLINE_EXCEEDED, "deadline passed before the input was embedded")
     if isinstance(exc, NotReadyError | BatcherClosedError):

@@ -31,6 +31,11 @@ class Engine(Protocol):
     @property
     def info(self) -> EngineInfo: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the engine can never serve again (its process died)."""
+        ...
+
     async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
         """Return an array of shape (len(batch), info.dimension).
 

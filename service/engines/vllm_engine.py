@@ -62,6 +62,10 @@ class VllmEngine:
     def info(self) -> EngineInfo:
         return self._info
 
+    @property
+    def alive(self) -> bool:
+        return not self._llm.errored
+
     @classmethod
     def load(cls, settings: VllmSettings) -> VllmEngine:
         # vLLM reads the model's own limit when max_model_len is not given.

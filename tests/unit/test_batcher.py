@@ -86,6 +86,10 @@ class FakeEngine:
         finally:
             self.active -= 1
 
+    @property
+    def alive(self) -> bool:
+        return True
+
     async def close(self) -> None:
         pass
 
