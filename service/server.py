@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.api.auth import ApiKeyInterceptor, load_keys
-from service.api.servicer import EmbeddingServicer, Runtime
+from service.api.servicer import EmbeddingServicer, Runtime, add_servicer
 from service.api.validation import RequestLimits, RequestValidator
 from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
@@ -205,7 +205,7 @@ class EmbeddingServer:
         )
         self.servicer = EmbeddingServicer()
         self.health = health.aio.HealthServicer()
-        pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, self.grpc)
+        add_servicer(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 from embedding.v1 import embedding_pb2 as pb
@@ -87,6 +88,50 @@ def _embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
     ]
 
 
+class Undecodable:
+    """Stands in for a request protobuf could not parse (for example invalid UTF-8).
+
+    grpc would answer such a request with a bare INTERNAL/UNKNOWN before any handler runs;
+    deferring the failure lets the handler answer INVALID_ARGUMENT (or, in a stream, fail
+    just that item).
+    """
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+    def invalid(self, field: str) -> InvalidInputError:
+        return InvalidInputError(field, f"not a valid message: {self.error}")
+
+
+def _lenient(message: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def parse(data: bytes) -> Message | Undecodable:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(exc)
+
+    return parse
+
+
+def add_servicer(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
+    """Like the generated add_EmbeddingServiceServicer_to_server, with lenient parsing."""
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Embed": unary(servicer.Embed, _lenient(pb.EmbedRequest), _serialize),
+        "Similarity": unary(servicer.Similarity, _lenient(pb.SimilarityRequest), _serialize),
+        "GetModelInfo": unary(servicer.GetModelInfo, _lenient(pb.GetModelInfoRequest), _serialize),
+        "EmbedStream": grpc.stream_stream_rpc_method_handler(
+            servicer.EmbedStream, _lenient(pb.EmbedStreamRequest), _serialize
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(self) -> None:
         self._runtime: Runtime | None = None
@@ -100,9 +145,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise NotReadyError("the model is still loading")
         return self._runtime
 
-    async def _answer(self, context: Context, handler: Callable[[Runtime], Awaitable[T]]) -> T:
+    async def _answer(
+        self, request: object, context: Context, handler: Callable[[Runtime], Awaitable[T]]
+    ) -> T:
         """Run a unary handler; every failure leaves as one precise status."""
         try:
+            if isinstance(request, Undecodable):
+                raise request.invalid("request")
             return await handler(self._ready())
         except asyncio.CancelledError:
             raise
@@ -125,7 +174,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 timing=_timing(outcome, started),
             )
 
-        return await self._answer(context, handle)
+        return await self._answer(request, context, handle)
 
     async def Similarity(
         self, request: pb.SimilarityRequest, context: Context
@@ -155,7 +204,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 timing=_timing(queries, started),
             )
 
-        return await self._answer(context, handle)
+        return await self._answer(request, context, handle)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
@@ -163,7 +212,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def handle(rt: Runtime) -> pb.GetModelInfoResponse:
             return rt.model_info
 
-        return await self._answer(context, handle)
+        return await self._answer(request, context, handle)
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
@@ -234,6 +283,11 @@ class _Stream:
         try:
             async for request in requests:
                 await self._slots.acquire()
+                if isinstance(request, Undecodable):
+                    # No id can be read from it; answer with an empty id and go on.
+                    error = to_status(request.invalid("request"))
+                    self._results.put_nowait((pb.EmbedStreamResponse(error=error), False))
+                    continue
                 self._start(request)
             if self._tasks:
                 await asyncio.wait(set(self._tasks))

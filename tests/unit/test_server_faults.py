@@ -1,0 +1,229 @@
+"""The real grpc.aio server and servicer with a fake engine: faults that need injecting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding.v1 import embedding_pb2 as pb
+from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from service.config import ServiceConfig
+from service.server import EmbeddingServer
+from tests.fakes import FakeEngine, factory
+
+ServerMaker = Callable[..., Awaitable[tuple[EmbeddingServer, FakeEngine]]]
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[ServerMaker]:
+    servers: list[EmbeddingServer] = []
+
+    async def make(
+        engine: FakeEngine | None = None, **settings: Any
+    ) -> tuple[EmbeddingServer, FakeEngine]:
+        engine = engine or FakeEngine()
+        config = ServiceConfig(port=0, grace_s=1.0, **settings)
+        server = EmbeddingServer(config, factory(engine))  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server, engine
+
+    yield make
+    for server in servers:
+        await server.stop(grace_s=0)
+
+
+def _stub(server: EmbeddingServer) -> tuple[grpc.aio.Channel, pb_grpc.EmbeddingServiceAsyncStub]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    return channel, pb_grpc.EmbeddingServiceStub(channel)
+
+
+def _details(err: grpc.aio.AioRpcError) -> status_pb2.Status:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no rich status details")
+
+
+async def _health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        return int(reply.status)
+
+
+async def test_api_keys(make_server: ServerMaker) -> None:
+    server, _ = await make_server(api_keys="alpha-key,beta-key")
+    channel, stub = _stub(server)
+    request = pb.EmbedRequest(inputs=["hello"])
+    async with channel:
+        for metadata in [(), (("x-api-key", "wrong"),), (("authorization", "Bearer nope"),)]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Embed(request, metadata=metadata, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "alpha-key" not in (caught.value.details() or "")
+        ok = await stub.Embed(request, metadata=(("authorization", "Bearer beta-key"),), timeout=5)
+        assert len(ok.embeddings) == 1
+        ok = await stub.Embed(request, metadata=(("x-api-key", "alpha-key"),), timeout=5)
+        assert len(ok.embeddings) == 1
+    # Probes carry no key.
+    assert await _health(server.port, "") == health_pb2.HealthCheckResponse.SERVING
+    assert "alpha-key" not in repr(server.config)
+
+
+async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMaker) -> None:
+    server, _engine = await make_server(
+        FakeEngine(delay_s=0.05),
+        max_batch_tokens=256,
+        max_queue_tokens=256,
+        max_request_tokens=256,
+        max_queue_items=40,
+        max_batch_items=8,
+    )
+    channel, stub = _stub(server)
+    texts = [f"flood text number {i}" for i in range(4)]
+
+    async def call() -> grpc.StatusCode:
+        try:
+            reply = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                retry = error_details_pb2.RetryInfo()
+                assert any(d.Unpack(retry) for d in _details(err).details)
+                assert retry.retry_delay.ToTimedelta().total_seconds() > 0
+            return err.code()
+        assert len(reply.embeddings) == 4
+        return grpc.StatusCode.OK
+
+    async with channel:
+        codes = await asyncio.gather(*(call() for _ in range(200)))
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert server._components is not None and server._components.batcher.queued_items == 0
+
+
+async def test_short_deadline_is_refused_early(make_server: ServerMaker) -> None:
+    server, engine = await make_server(FakeEngine(delay_s=0.3))
+    channel, stub = _stub(server)
+    async with channel:
+        await stub.Embed(pb.EmbedRequest(inputs=["teach the latency estimate"]), timeout=5)
+        batches = len(engine.batches)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=0.05)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(engine.batches) == batches, "refused before reaching the engine"
+
+
+async def test_gone_callers_abort_engine_work(make_server: ServerMaker) -> None:
+    server, engine = await make_server(FakeEngine())
+    engine.hang = True
+    channel, stub = _stub(server)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=1.0)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(50):
+            if engine.cancelled:
+                break
+            await asyncio.sleep(0.05)
+    assert engine.cancelled == 1
+    assert server._components is not None and server._components.batcher.inflight_batches == 0
+
+
+async def test_engine_death_gives_unavailable_and_not_serving(make_server: ServerMaker) -> None:
+    server, engine = await make_server(FakeEngine(delay_s=0.3))
+    channel, stub = _stub(server)
+    async with channel:
+        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=10))
+        await asyncio.sleep(0.1)
+        engine.dead = True
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), 5)
+        assert "died" in reason
+        await server.fail(reason)
+        assert await _health(server.port, "") == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["y"]), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_hung_engine_is_caught_by_the_watchdog(make_server: ServerMaker) -> None:
+    server, engine = await make_server(FakeEngine(), engine_timeout_s=0.3)
+    engine.hang = True
+    channel, stub = _stub(server)
+    async with channel:
+        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=10))
+        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), 5)
+        assert "has run for over" in reason
+        await server.fail(reason)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert engine.cancelled == 1
+
+
+async def test_invalid_utf8_is_invalid_argument(make_server: ServerMaker) -> None:
+    server, _ = await make_server()
+    # EmbedRequest{inputs: [b"\xff\xfe"]} by hand: field 1, wire type 2, length 2.
+    raw = bytes([0x0A, 0x02, 0xFF, 0xFE])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary(
+            "/embedding.v1.EmbeddingService/Embed",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(raw, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ok = await pb_grpc.EmbeddingServiceStub(channel).Embed(
+            pb.EmbedRequest(inputs=["fine"]), timeout=5
+        )
+        assert len(ok.embeddings) == 1
+
+
+async def test_oversized_message_is_resource_exhausted(make_server: ServerMaker) -> None:
+    server, _ = await make_server(max_request_bytes=64 * 1024)
+    channel, stub = _stub(server)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["x" * 100_000]), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_request_token_limit(make_server: ServerMaker) -> None:
+    server, _ = await make_server(max_request_tokens=300, max_queue_tokens=9000)
+    channel, stub = _stub(server)
+    async with channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(pb.EmbedRequest(inputs=["one two three four"] * 100), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limit of 300" in (caught.value.details() or "")
+
+
+async def test_stream_vectors_match_unary(make_server: ServerMaker) -> None:
+    server, _ = await make_server(stream_max_inflight=4)
+    channel, stub = _stub(server)
+    texts = [f"item {i}" for i in range(50)]
+
+    async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        for i, text in enumerate(texts):
+            yield pb.EmbedStreamRequest(id=str(i), input=text)
+
+    async with channel:
+        results = [r async for r in stub.EmbedStream(requests(), timeout=30)]
+        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+    assert sorted(int(r.id) for r in results) == list(range(50))
+    for r in results:
+        expected = unary.embeddings[int(r.id)].data
+        assert r.embedding.data == expected
+    assert np.frombuffer(unary.embeddings[0].data, "<f4").shape == (384,)
