@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 SERVE_ARGS ?=
 
-.PHONY: install serve test lint stubs bench clean
+.PHONY: install serve test lint deploy-check soak stubs clean
 
 install: $(STAMP)
 
@@ -35,8 +35,33 @@ lint: install
 	$(PY) -m mypy
 	$(PY) proto/generate.py --lint
 
-test: lint
+test: lint deploy-check
 	$(PY) -m pytest -ra
+
+# Kubernetes manifests and Dockerfiles, checked without a cluster or a Docker engine:
+# yamllint and hadolint on the sources, then every kustomization (not the components, which
+# the examples/ kustomizations include) rendered by kubectl's kustomize and validated
+# strictly (misspelt fields fail) against the oldest supported Kubernetes and the newest
+# known one. tests/deploy checks what the rendered objects mean.
+K8S_MIN_VERSION := 1.30.0
+K8S_MAX_VERSION := 1.37.0
+RENDERED := build/deploy
+KUSTOMIZATIONS = $(patsubst %/kustomization.yaml,%,$(shell grep -L -x 'kind: Component' $$(find deploy/k8s -name kustomization.yaml | sort)))
+
+deploy-check: install
+	$(VENV)/bin/yamllint --strict -c deploy/.yamllint.yaml deploy
+	$(VENV)/bin/hadolint --failure-threshold style deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.gpu
+	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
+	set -e; for k in $(KUSTOMIZATIONS); do \
+		$(VENV)/bin/kubectl kustomize $$k > $(RENDERED)/$$(echo $${k#deploy/k8s/} | tr / -).yaml; \
+	done
+	for v in $(K8S_MIN_VERSION) $(K8S_MAX_VERSION); do \
+		$(VENV)/bin/kubernetes-validate --strict --quiet -k $$v \
+			$(RENDERED)/*.yaml deploy/k8s/examples/secrets.example.yaml || exit 1; \
+	done
+
+soak: install
+	$(PY) -m pytest -m soak -s tests/integration/test_soak.py
 
 stubs: install
 	$(PY) proto/generate.py

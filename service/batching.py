@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +81,50 @@ class ItemResult:
     vector: npt.NDArray[np.float32]  # 1-D row from the engine
     queue_s: float  # enqueue -> dispatch
     inference_s: float  # dispatch -> engine returned
+    batch: object | None = None  # what BatchObserver.dispatched returned (telemetry's span)
+
+
+class QueuedItem(Protocol):
+    """What a BatchObserver may read of a queued item."""
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    @property
+    def priority(self) -> Priority: ...
+
+    @property
+    def enqueued_at(self) -> float: ...
+
+    @property
+    def context(self) -> object | None:
+        """Opaque, from the caller of submit (telemetry: the calling span, for links)."""
+        ...
+
+
+class BatchObserver(Protocol):
+    """Telemetry hooks, called on the batching task: they must be quick and must not raise.
+
+    Times are in the batcher's clock. Rejection reasons: "queue_full" (no room now),
+    "too_large" (no room even in an empty queue), "deadline_expired" (while queued).
+    """
+
+    def dispatched(self, items: Sequence[QueuedItem], now: float) -> object | None:
+        """A batch goes to the engine; the return value comes back in `finished` and in
+        each item's ItemResult.batch."""
+        ...
+
+    def finished(
+        self,
+        handle: object | None,
+        items: Sequence[QueuedItem],
+        engine_s: float,
+        error: BaseException | None,
+    ) -> None:
+        """The engine call ended: with vectors (error None), an exception, or cancelled."""
+        ...
+
+    def rejected(self, reason: str, priority: Priority, n_items: int) -> None: ...
 
 
 class QueueFullError(Exception):
@@ -107,6 +151,7 @@ class _Batch:
     open_items: int  # items whose caller still waits; at 0 the engine work is pointless
     task: asyncio.Task[None] | None = None
     finished: bool = False
+    observed: object | None = None  # BatchObserver.dispatched's handle
 
     def item_done(self) -> None:
         """A caller went away while the batch ran; abort the engine call if it was the last."""
@@ -127,6 +172,7 @@ class _Item:
     future: asyncio.Future[ItemResult]
     queued: bool = True  # still counted in the queue counters
     batch: _Batch | None = None
+    context: object | None = None  # the caller's, for the observer (QueuedItem.context)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -140,6 +186,7 @@ class _Waiter:
     n_tokens: int
     priority: Priority
     deadline: float | None
+    context: object | None
     # Resolved with the item's future: the admitting code enqueues on the waiter's behalf, so
     # the space is taken at once and two waiters woken together cannot both claim it.
     granted: asyncio.Future[asyncio.Future[ItemResult]] = field(
@@ -159,11 +206,16 @@ class Batcher:
     """Token-budget dynamic batcher with priorities, deadlines and backpressure."""
 
     def __init__(
-        self, engine: Engine, limits: BatcherLimits, clock: Callable[[], float] = time.monotonic
+        self,
+        engine: Engine,
+        limits: BatcherLimits,
+        clock: Callable[[], float] = time.monotonic,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._engine = engine
         self._limits = limits
         self._clock = clock
+        self._observer = observer
         self._queues: dict[Priority, deque[_Item]] = {p: deque() for p in Priority}
         self._tokens: dict[Priority, int] = dict.fromkeys(Priority, 0)
         self._items: dict[Priority, int] = dict.fromkeys(Priority, 0)
@@ -239,28 +291,35 @@ class Batcher:
         token_ids: Sequence[Sequence[int]],
         priority: Priority,
         deadline: float | None = None,
+        context: object | None = None,
     ) -> list[asyncio.Future[ItemResult]]:
-        """Admit all items of one request or none of them (a partial answer is useless)."""
+        """Admit all items of one request or none of them (a partial answer is useless).
+
+        `context` is opaque here; the observer gets it back with each item.
+        """
         self._ensure_open()
         sizes = [self._checked_size(ids) for ids in token_ids]
         if not sizes:
             return []
         never = self._refusal(sum(sizes), len(sizes), priority, empty_queue=True)
         if never is not None:
+            self._rejected("too_large", priority, len(sizes))
             raise QueueFullError(
                 f"{never.reason}; the request can never be admitted", _MAX_RETRY_AFTER_S
             )
         if self._waiters_ahead(priority):
             # Parked submit_when_ready callers came first; jumping them would starve them.
+            self._rejected("queue_full", priority, len(sizes))
             raise QueueFullError(
                 f"queue full: callers of priority {priority.name} or higher are waiting",
                 self._retry_after(self.queued_tokens, self._limits.max_batch_tokens),
             )
         refusal = self._refusal(sum(sizes), len(sizes), priority)
         if refusal is not None:
+            self._rejected("queue_full", priority, len(sizes))
             raise refusal
         items = [
-            self._enqueue(ids, n, priority, deadline)
+            self._enqueue(ids, n, priority, deadline, context)
             for ids, n in zip(token_ids, sizes, strict=True)
         ]
         self._wakeup.set()
@@ -271,20 +330,22 @@ class Batcher:
         token_ids: Sequence[int],
         priority: Priority = Priority.BULK,
         deadline: float | None = None,
+        context: object | None = None,
     ) -> asyncio.Future[ItemResult]:
         """Enqueue one item, waiting (FIFO per priority) for space: backpressure for streams."""
         self._ensure_open()
         n_tokens = self._checked_size(token_ids)
         never = self._refusal(n_tokens, 1, priority, empty_queue=True)
         if never is not None:
+            self._rejected("too_large", priority, 1)
             raise QueueFullError(
                 f"{never.reason}; the item can never be admitted", _MAX_RETRY_AFTER_S
             )
         if not self._waiters_ahead(priority) and self._refusal(n_tokens, 1, priority) is None:
-            item = self._enqueue(token_ids, n_tokens, priority, deadline)
+            item = self._enqueue(token_ids, n_tokens, priority, deadline, context)
             self._wakeup.set()
             return item.future
-        waiter = _Waiter(token_ids, n_tokens, priority, deadline)
+        waiter = _Waiter(token_ids, n_tokens, priority, deadline, context)
         self._waiters[priority].append(waiter)
         try:
             return await waiter.granted
@@ -356,11 +417,22 @@ class Batcher:
     def _waiters_ahead(self, priority: Priority) -> bool:
         return any(self._waiters[p] for p in Priority if p <= priority)
 
+    def _rejected(self, reason: str, priority: Priority, n_items: int) -> None:
+        if self._observer is not None:
+            self._observer.rejected(reason, priority, n_items)
+
     def _enqueue(
-        self, token_ids: Sequence[int], n_tokens: int, priority: Priority, deadline: float | None
+        self,
+        token_ids: Sequence[int],
+        n_tokens: int,
+        priority: Priority,
+        deadline: float | None,
+        context: object | None = None,
     ) -> _Item:
         future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
-        item = _Item(token_ids, n_tokens, priority, self._clock(), deadline, future)
+        item = _Item(
+            token_ids, n_tokens, priority, self._clock(), deadline, future, context=context
+        )
         self._queues[priority].append(item)
         self._tokens[priority] += n_tokens
         self._items[priority] += 1
@@ -386,7 +458,7 @@ class Batcher:
                     return admitted
                 waiters.popleft()
                 waiter.item = self._enqueue(
-                    waiter.token_ids, waiter.n_tokens, priority, waiter.deadline
+                    waiter.token_ids, waiter.n_tokens, priority, waiter.deadline, waiter.context
                 )
                 waiter.granted.set_result(waiter.item.future)
                 self._wakeup.set()
@@ -447,6 +519,7 @@ class Batcher:
             elif item.expired(now):
                 queue.popleft()
                 self._release(item)
+                self._rejected("deadline_expired", item.priority, 1)
                 item.future.set_exception(DeadlineExpiredError("deadline passed while queued"))
             else:
                 return item
@@ -550,20 +623,25 @@ class Batcher:
         batch = _Batch(items, dispatched_at=now, open_items=len(items))
         for item in items:
             item.batch = batch
+        if self._observer is not None:
+            batch.observed = self._observer.dispatched(items, now)
         batch.task = asyncio.create_task(self._run_batch(batch))
         self._inflight.add(batch)
 
     async def _run_batch(self, batch: _Batch) -> None:
+        error: BaseException | None = None
         try:
             vectors = await self._engine.embed([item.token_ids for item in batch.items])
             self._deliver(batch, vectors)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # Either every caller left (nothing to deliver) or the loop is shutting down.
+            error = exc
             for item in batch.items:
                 item.future.cancel()
             raise
         except Exception as exc:
             # The batcher survives a failed batch; only this batch's callers see the error.
+            error = exc
             for item in batch.items:
                 if not item.future.done():
                     item.future.set_exception(exc)
@@ -571,6 +649,9 @@ class Batcher:
             batch.finished = True
             self._inflight.discard(batch)
             self._wakeup.set()  # a slot is free
+            if self._observer is not None:
+                engine_s = self._clock() - batch.dispatched_at
+                self._observer.finished(batch.observed, batch.items, engine_s, error)
 
     def _deliver(self, batch: _Batch, vectors: npt.NDArray[np.float32]) -> None:
         items = batch.items
@@ -584,6 +665,9 @@ class Batcher:
         for row, item in enumerate(items):
             if not item.future.done():
                 result = ItemResult(
-                    vectors[row], batch.dispatched_at - item.enqueued_at, inference_s
+                    vectors[row],
+                    batch.dispatched_at - item.enqueued_at,
+                    inference_s,
+                    batch.observed,
                 )
                 item.future.set_result(result)

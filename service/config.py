@@ -57,8 +57,8 @@ class ServiceConfig:
     tokenizer_threads: int = _opt(2, "threads that tokenize off the event loop")
 
     # Batching and admission
-    max_batch_tokens: int = _opt(8192, "token budget of one engine batch")
-    max_batch_items: int = _opt(256, "items in one engine batch")
+    max_batch_tokens: int = _opt(4096, "token budget of one engine batch")
+    max_batch_items: int = _opt(64, "items in one engine batch")
     max_wait_ms: float = _opt(2.0, "how long a partial batch waits for more items")
     max_inflight_batches: int = _opt(2, "batches handed to the engine at once")
     max_queue_tokens: int = _opt(262144, "bound on queued tokens")
@@ -91,6 +91,14 @@ class ServiceConfig:
         0, "extra plaintext port with only health (kubelet probes send no TLS); 0: none"
     )
 
+    # Observability (OTLP export and sampling: the standard OTEL_* variables)
+    metrics_port: int = _opt(9464, "Prometheus /metrics port, its own HTTP server (0: off)")
+    metrics_host: str = _opt("0.0.0.0", "address the /metrics endpoint binds to")
+    log_format: str = _opt("text", "log lines: text, or json (one object a line, with trace_id)")
+    engine: str = _opt(
+        "vllm", "engine: vllm, or null (zero vectors at once; measures the front end alone)"
+    )
+
     log_level: str = _opt("INFO", "logging level")
 
     def __post_init__(self) -> None:
@@ -100,8 +108,10 @@ class ServiceConfig:
             raise ValueError("max_queue_tokens must be at least max_batch_tokens")
         if not 0 < self.bulk_queue_share <= 1:
             raise ValueError("bulk_queue_share must be in (0, 1]")
-        if self.max_request_tokens > self.max_queue_tokens:
-            raise ValueError("max_request_tokens must not exceed max_queue_tokens")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
+        if self.engine not in ("vllm", "null"):
+            raise ValueError("engine must be vllm or null")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:

@@ -7,9 +7,12 @@ Embed, Similarity and each EmbedStream item share one implementation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -52,29 +55,76 @@ class DeadlineTooShortError(Exception):
     """The caller's deadline ends before the queue could plausibly serve it."""
 
 
+class StageObserver(Protocol):
+    """Telemetry of one call's stages (service.telemetry implements it); must be cheap."""
+
+    def stage(self, name: str) -> AbstractContextManager[object]:
+        """Wraps a stage run inline: "tokenize" or "postprocess"."""
+        ...
+
+    def tokenized(self, inputs: Sequence[TokenizedInput]) -> None: ...
+
+    def caller(self) -> object | None:
+        """Opaque; handed to the batcher with each item (batch spans link to it)."""
+        ...
+
+    def batched(self, submitted_ns: int, results: Sequence[ItemResult]) -> None:
+        """The queue and engine stages, from the times the batcher measured."""
+        ...
+
+
+class _NoStages:
+    def stage(self, name: str) -> AbstractContextManager[object]:
+        return contextlib.nullcontext()
+
+    def tokenized(self, inputs: Sequence[TokenizedInput]) -> None:
+        pass
+
+    def caller(self) -> object | None:
+        return None
+
+    def batched(self, submitted_ns: int, results: Sequence[ItemResult]) -> None:
+        pass
+
+
 class Embedder:
-    def __init__(self, tokenizer: TextTokenizer, batcher: Batcher, max_request_tokens: int) -> None:
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        batcher: Batcher,
+        max_request_tokens: int,
+        stages: StageObserver | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._batcher = batcher
         self._max_request_tokens = max_request_tokens
+        self._stages: StageObserver = stages or _NoStages()
 
     async def embed(
         self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
     ) -> EmbedOutcome:
         """Interactive path: all texts are admitted together or the call is refused."""
         self._check_deadline(deadline)
+        stages = self._stages
         started = time.perf_counter()
-        inputs = await self._tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
+        with stages.stage("tokenize"):
+            inputs = await self._tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
         tokenized = time.perf_counter()
+        stages.tokenized(inputs)
         total = sum(len(t.ids) for t in inputs)
         if total > self._max_request_tokens:
             raise InvalidInputError(
                 field,
                 f"{total} tokens in one request exceed the limit of {self._max_request_tokens}",
             )
-        futures = self._batcher.submit([t.ids for t in inputs], Priority.INTERACTIVE, deadline)
+        submitted_ns = time.time_ns()
+        futures = self._batcher.submit(
+            [t.ids for t in inputs], Priority.INTERACTIVE, deadline, stages.caller()
+        )
         results = await _gather(futures)
-        return _outcome(inputs, results, spec, tokenized - started)
+        stages.batched(submitted_ns, results)
+        with stages.stage("postprocess"):
+            return _outcome(inputs, results, spec, tokenized - started)
 
     async def embed_bulk_item(
         self, text: str, spec: EmbedSpec, field: str, deadline: float | None
@@ -85,7 +135,12 @@ class Embedder:
             [text], spec.prefix, spec.truncation, field, indexed=False
         )
         tokenized = time.perf_counter()
-        future = await self._batcher.submit_when_ready(inputs[0].ids, Priority.BULK, deadline)
+        # No stage spans per stream item (a bulk stream has millions); metrics and the batch
+        # span's link to the stream's span still see it.
+        self._stages.tokenized(inputs)
+        future = await self._batcher.submit_when_ready(
+            inputs[0].ids, Priority.BULK, deadline, self._stages.caller()
+        )
         results = await _gather([future])
         return _outcome(inputs, results, spec, tokenized - started)
 

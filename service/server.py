@@ -16,7 +16,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedding.v1 import embedding_pb2 as pb
-from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.api.auth import ApiKeyInterceptor, load_keys
 from service.api.servicer import EmbeddingServicer, Runtime, add_servicer
 from service.api.validation import RequestLimits, RequestValidator
@@ -25,6 +24,7 @@ from service.config import ServiceConfig
 from service.engines.base import Engine, EngineUnavailableError
 from service.model_card import ModelCard, load_model_card, resolve_model_path
 from service.pipeline import Embedder
+from service.telemetry import Telemetry
 from service.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,15 @@ def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engi
     )
 
 
+def load_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
+    """The engine `config.engine` names: vllm, or null (measures the front end alone)."""
+    if config.engine == "null":
+        from service.engines.null_engine import NullEngine
+
+        return NullEngine.for_model(model_path, name, config.max_model_len)
+    return load_vllm_engine(config, model_path, name)
+
+
 def served_name(config: ServiceConfig) -> str:
     if config.served_model_name:
         return config.served_model_name
@@ -75,6 +84,11 @@ class Components:
         await self.batcher.close()
         self.tokenizer.close()
         await self.engine.close()
+
+
+def request_tokens_limit(config: ServiceConfig, budget: int) -> int:
+    """A request larger than the whole queue could never be admitted."""
+    return min(config.max_request_tokens, max(config.max_queue_tokens, budget))
 
 
 def _model_info(
@@ -100,11 +114,15 @@ def _model_info(
             max_queue_tokens=config.max_queue_tokens,
             max_queue_items=config.max_queue_items,
             max_request_bytes=config.max_request_bytes,
+            max_request_tokens=request_tokens_limit(config, budget),
         ),
     )
 
 
-async def build_components(config: ServiceConfig, engine_factory: EngineFactory) -> Components:
+async def build_components(
+    config: ServiceConfig, engine_factory: EngineFactory, telemetry: Telemetry | None = None
+) -> Components:
+    telemetry = telemetry or Telemetry.disabled()
     path = resolve_model_path(config.model)
     name = served_name(config)
     card = load_model_card(path, name, config.instruction_template)
@@ -128,7 +146,9 @@ async def build_components(config: ServiceConfig, engine_factory: EngineFactory)
             bulk_queue_share=config.bulk_queue_share,
             max_inflight_batches=config.max_inflight_batches,
         ),
+        observer=telemetry.batch_observer,
     )
+    telemetry.watch(batcher, engine)
     await batcher.start()
     validator = RequestValidator(
         card,
@@ -140,7 +160,9 @@ async def build_components(config: ServiceConfig, engine_factory: EngineFactory)
         ),
     )
     runtime = Runtime(
-        embedder=Embedder(tokenizer, batcher, config.max_request_tokens),
+        embedder=Embedder(
+            tokenizer, batcher, request_tokens_limit(config, budget), telemetry.stages
+        ),
         validator=validator,
         card=card,
         info=info,
@@ -197,11 +219,19 @@ def _interceptors(config: ServiceConfig) -> list[grpc.aio.ServerInterceptor]:
 class EmbeddingServer:
     """The process's server: listens at once, reports SERVING once the engine is warm."""
 
-    def __init__(self, config: ServiceConfig, engine_factory: EngineFactory = load_vllm_engine):
+    def __init__(
+        self,
+        config: ServiceConfig,
+        engine_factory: EngineFactory = load_engine,
+        telemetry: Telemetry | None = None,
+    ):
         self.config = config
         self._engine_factory = engine_factory
+        self.telemetry = telemetry or Telemetry.from_config(config)
+        # Telemetry first: it must also see the calls later interceptors refuse.
         self.grpc = grpc.aio.server(
-            options=grpc_options(config), interceptors=_interceptors(config)
+            options=grpc_options(config),
+            interceptors=[*self.telemetry.interceptors, *_interceptors(config)],
         )
         self.servicer = EmbeddingServicer()
         self.health = health.aio.HealthServicer()
@@ -235,8 +265,9 @@ class EmbeddingServer:
         await self.grpc.start()
         if self._health_server is not None:
             await self._health_server.start()
+        self.telemetry.start()  # /metrics answers while the engine loads (engine_up 0)
         log.info("listening on %s:%d; loading %s", self.config.host, self.port, self.config.model)
-        self._components = await build_components(self.config, self._engine_factory)
+        self._components = await build_components(self.config, self._engine_factory, self.telemetry)
         await warm_up(self._components.runtime)
         self.servicer.attach(self._components.runtime)
         for name in HEALTH_SERVICES:
@@ -272,9 +303,10 @@ class EmbeddingServer:
             await self._components.close()
         if self._health_server is not None:
             await self._health_server.stop(0)
+        await asyncio.to_thread(self.telemetry.shutdown)  # flushes exporters: may block
 
 
-async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_vllm_engine) -> int:
+async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engine) -> int:
     """Run until SIGTERM/SIGINT (exit 0 after draining) or an engine failure (exit 1)."""
     server = EmbeddingServer(config, engine_factory)
     signalled = asyncio.Event()

@@ -123,4 +123,6 @@ class VllmEngine:
         return final.outputs.data.float().numpy()
 
     async def close(self) -> None:
-        self._llm.shutdown()
+        # shutdown() blocks for seconds while the engine process exits; health must keep
+        # answering meanwhile.
+        await asyncio.to_thread(self._llm.shutdown)

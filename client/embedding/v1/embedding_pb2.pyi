@@ -511,6 +511,7 @@ class ServerLimits(_message.Message):
     MAX_QUEUE_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_ITEMS_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _builtins.int
     max_inputs_per_request: _builtins.int
     """Texts per Embed call, and queries plus documents per Similarity call."""
     max_input_chars: _builtins.int
@@ -525,6 +526,8 @@ class ServerLimits(_message.Message):
     """Bound on queued items."""
     max_request_bytes: _builtins.int
     """Largest request message accepted, in bytes."""
+    max_request_tokens: _builtins.int
+    """Tokens in one Embed call (and in each side of a Similarity call)."""
     def __init__(
         self,
         *,
@@ -535,10 +538,11 @@ class ServerLimits(_message.Message):
         max_queue_tokens: _builtins.int = ...,
         max_queue_items: _builtins.int = ...,
         max_request_bytes: _builtins.int = ...,
+        max_request_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_tokens", b"max_batch_tokens", "max_input_chars", b"max_input_chars", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_items", b"max_queue_items", "max_queue_tokens", b"max_queue_tokens", "max_request_bytes", b"max_request_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_tokens", b"max_batch_tokens", "max_input_chars", b"max_input_chars", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_items", b"max_queue_items", "max_queue_tokens", b"max_queue_tokens", "max_request_bytes", b"max_request_bytes", "max_request_tokens", b"max_request_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

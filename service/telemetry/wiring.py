@@ -1,0 +1,239 @@
+"""The Telemetry object the server wires in: providers, instruments, hooks, interceptor.
+
+`Telemetry.from_config` builds what production runs:
+- metrics: a Prometheus endpoint at /metrics on `metrics_port` (its own HTTP server) and,
+  when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._METRICS_ENDPOINT) is set, OTLP push as well;
+- traces: only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, through a
+  batch span processor; sampling follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
+  Without an endpoint no tracer exists at all, so nothing is created per call.
+Tests build `Telemetry(...)` with their own providers (in-memory exporter and reader):
+OpenTelemetry's global providers can be set only once per process, so none is set here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from importlib import metadata
+from wsgiref.simple_server import WSGIServer
+
+from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
+from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CollectorRegistry, start_http_server
+
+from service.config import ServiceConfig
+from service.telemetry import names
+from service.telemetry.batches import BatchTelemetry
+from service.telemetry.interceptor import TelemetryInterceptor
+from service.telemetry.metrics import EngineSource, Instruments, QueueSource
+from service.telemetry.stages import PipelineTelemetry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SERVICE_NAME = "embedding-service"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("embedding-service")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class MetricsEndpoint:
+    """prometheus_client's HTTP server (a daemon thread) serving one registry at /metrics."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        try:
+            self._server, self._thread = start_http_server(self.port, self.host, self.registry)
+        except OSError as exc:
+            # Metrics are not worth refusing traffic over; a scraper sees the target down.
+            log.error(
+                "cannot serve /metrics on %s:%d (%s); going on without", self.host, self.port, exc
+            )
+            self.port = 0
+            return
+        self.port = int(self._server.server_port)  # the real one when 0 was asked for
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server = None
+
+
+class Telemetry:
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        metrics_endpoint: MetricsEndpoint | None = None,
+        enabled: bool = True,
+        owns_providers: bool = False,
+    ) -> None:
+        version = _version()
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.metrics_endpoint = metrics_endpoint
+        self._owns_providers = owns_providers
+        tracer = (
+            tracer_provider.get_tracer(names.INSTRUMENTATION_SCOPE, version)
+            if tracer_provider is not None and enabled
+            else None
+        )
+        meter = (meter_provider or NoOpMeterProvider()).get_meter(
+            names.INSTRUMENTATION_SCOPE, version
+        )
+        self.instruments = Instruments(meter)
+        self.batch_observer = BatchTelemetry(self.instruments, tracer) if enabled else None
+        self.stages = PipelineTelemetry(self.instruments, tracer) if enabled else None
+        self.interceptors = [TelemetryInterceptor(self.instruments, tracer)] if enabled else []
+
+    @classmethod
+    def disabled(cls) -> Telemetry:
+        """No interceptor, no hooks, no exporters: the baseline for overhead measurements."""
+        return cls(enabled=False)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: ServiceConfig,
+        environ: Mapping[str, str] | None = None,
+        span_processor: SpanProcessor | None = None,
+    ) -> Telemetry:
+        """Exporters from the config and the standard OTEL_* variables.
+
+        `span_processor` turns tracing on without OTLP (the overhead benchmark uses it).
+        """
+        env = os.environ if environ is None else environ
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return cls(metrics_endpoint=None)
+        resource = _resource()
+        processors: list[SpanProcessor] = []
+        if _otlp_wanted(env, "TRACES"):
+            processors.append(BatchSpanProcessor(_otlp_span_exporter(env)))
+        if span_processor is not None:
+            processors.append(span_processor)
+        tracer_provider = None
+        if processors:
+            # The sampler comes from OTEL_TRACES_SAMPLER (default parentbased_always_on).
+            tracer_provider = SdkTracerProvider(resource=resource)
+            for processor in processors:
+                tracer_provider.add_span_processor(processor)
+        readers: list[MetricReader] = []
+        endpoint = None
+        if config.metrics_port:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            # A registry of our own: the global one would collect twice if two servers ran
+            # in one process, and would also expose prometheus_client's process metrics.
+            registry = CollectorRegistry()
+            readers.append(PrometheusMetricReader(registry=registry))
+            endpoint = MetricsEndpoint(config.metrics_host, config.metrics_port, registry)
+        if _otlp_wanted(env, "METRICS"):
+            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(env)))
+        meter_provider = (
+            SdkMeterProvider(resource=resource, metric_readers=readers) if readers else None
+        )
+        return cls(
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            metrics_endpoint=endpoint,
+            owns_providers=True,
+        )
+
+    @property
+    def metrics_port(self) -> int:
+        """The port /metrics is served on (0: not served)."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else 0
+
+    def watch(self, queue: QueueSource | None, engine: EngineSource | None) -> None:
+        self.instruments.watch(queue, engine)
+
+    def start(self) -> None:
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.start()
+
+    def shutdown(self) -> None:
+        """Stop serving /metrics; flush and stop exporters this object created."""
+        self.instruments.watch(None, None)
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
+        if self._owns_providers:
+            if isinstance(self.tracer_provider, SdkTracerProvider):
+                self.tracer_provider.shutdown()
+            if isinstance(self.meter_provider, SdkMeterProvider):
+                self.meter_provider.shutdown()
+
+
+def _resource() -> Resource:
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; a name set there wins.
+    resource = Resource.create({SERVICE_VERSION: _version()})
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
+    return resource
+
+
+def _otlp_wanted(env: Mapping[str, str], signal: str) -> bool:
+    """OTLP for a signal: an endpoint is set, and OTEL_<SIGNAL>_EXPORTER does not say none."""
+    if env.get(f"OTEL_{signal}_EXPORTER", "otlp").strip().lower() == "none":
+        return False
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    )
+
+
+def _protocol(env: Mapping[str, str], signal: str) -> str:
+    specific = env.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL")
+    return (specific or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
+
+
+# The exporters read their endpoint, headers, TLS and timeout settings from OTEL_* variables
+# themselves; only the protocol picks the class. Imported lazily: most runs export nothing.
+def _otlp_span_exporter(env: Mapping[str, str]) -> SpanExporter:
+    if _protocol(env, "TRACES") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    return HttpSpanExporter()
+
+
+def _otlp_metric_exporter(env: Mapping[str, str]) -> MetricExporter:
+    if _protocol(env, "METRICS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+
+    return HttpMetricExporter()

@@ -1,0 +1,211 @@
+"""Overload, priority, drain and engine death on real server processes with vLLM on CPU.
+
+Each server here is disposable (the tests end it), so it is not the session's shared one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from embedding_client import EmbeddingClient
+from tests.integration.conftest import ENGINE_ARGS
+from tests.reference import minilm_reference
+from tests.servers import ServerProcess, free_port, health_status, start_server
+from tests.texts import TEXTS
+
+BATCH_ITEMS = 32
+SMALL_QUEUE = [
+    *("--max-queue-items", "256", "--max-queue-tokens", "8192", "--grace-s", "30"),
+    *("--max-batch-items", str(BATCH_ITEMS)),
+]
+
+
+# While draining, the main port refuses new connections; probes use the health port.
+HEALTH_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = [*ENGINE_ARGS, *SMALL_QUEUE, "--health-port", str(HEALTH_PORT)]
+    server = start_server(args, tmp_path_factory.mktemp("r") / "s.log")
+    yield server
+    server.stop()
+
+
+def _flood_call(client: EmbeddingClient, texts: list[str]) -> str:
+    try:
+        result = client.embed(texts)
+    except grpc.RpcError as err:
+        assert isinstance(err, grpc.Call)
+        return str(err.code().name)
+    assert result.vectors.shape == (len(texts), 384)
+    return "OK"
+
+
+def test_flood_gets_answers_or_resource_exhausted(
+    small_queue_server: ServerProcess, minilm_dir: Path
+) -> None:
+    proc = psutil.Process(small_queue_server.process.pid)
+    rss_before = proc.memory_info().rss
+    # No client retries: every refusal must surface here.
+    config = {"methodConfig": [{"name": [{}], "timeout": "120s"}]}
+    texts = [f"{TEXTS[i % len(TEXTS)]} flood {i}" for i in range(32)]
+    clients = [EmbeddingClient(small_queue_server.address, service_config=config) for _ in range(4)]
+    with ThreadPoolExecutor(48) as pool:
+        codes = list(pool.map(lambda i: _flood_call(clients[i % 4], texts), range(96)))
+    rss_growth = proc.memory_info().rss - rss_before
+    # 96 calls x 32 texts = 3072 items against a queue of 256: most must be refused.
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}
+    assert "OK" in codes and "RESOURCE_EXHAUSTED" in codes
+    assert rss_growth < 512 * 1024 * 1024, f"server RSS grew by {rss_growth / 2**20:.0f} MiB"
+    # Answers under load are still right.
+    np.testing.assert_allclose(
+        clients[0].embed(texts[:4]).vectors, minilm_reference(minilm_dir, texts[:4]), atol=1e-4
+    )
+    for c in clients:
+        c.close()
+
+
+def test_unary_calls_overtake_a_saturating_stream(small_queue_server: ServerProcess) -> None:
+    items = [(f"bulk-{i}", f"{TEXTS[i % len(TEXTS)]} bulk {i}") for i in range(1500)]
+    received = 0
+    failed: list[str] = []
+    overtaken: list[int] = []
+    with EmbeddingClient(small_queue_server.address) as client:
+
+        def consume() -> None:
+            nonlocal received
+            for result in client.embed_stream(items):
+                if not result.ok:
+                    failed.append(str(result.error))
+                received += 1
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        give_up = time.monotonic() + 120  # a bound on the loop, not a speed assertion
+        while received < 50 and thread.is_alive() and time.monotonic() < give_up:
+            time.sleep(0.05)
+        for _ in range(5):
+            before = received
+            client.embed(["an interactive query"])
+            overtaken.append(received - before)
+        thread.join()
+    assert received == len(items) and not failed, failed[:3]
+    # A unary call waits at most for the batches already in the engine (two in flight, one
+    # being delivered), never for the bulk items queued behind it.
+    assert max(overtaken) <= 3 * BATCH_ITEMS, overtaken
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(TEXTS).map(lambda t: ("ok", t)),
+            st.just(("bad", "")),
+            st.just(("bad", "x" * 300_000)),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_stream_mixes_of_valid_and_invalid_items(
+    small_queue_server: ServerProcess, mix: list[tuple[str, str]]
+) -> None:
+    items = [(f"{kind}-{i}", text) for i, (kind, text) in enumerate(mix)]
+    with EmbeddingClient(small_queue_server.address) as client:
+        results = list(client.embed_stream(items))
+        good = [(i, t) for i, t in items if i.startswith("ok")]
+        expected = client.embed([t for _, t in good]).vectors if good else None
+    assert sorted(r.id for r in results) == sorted(i for i, _ in items)
+    by_id = {r.id: r for r in results}
+    for n, (item_id, _) in enumerate(good):
+        vector = by_id[item_id].vector
+        assert vector is not None and expected is not None
+        np.testing.assert_allclose(vector, expected[n], atol=1e-5)
+    for item_id, _ in items:
+        if item_id.startswith("bad"):
+            error = by_id[item_id].error
+            assert error is not None and error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_sigterm_drains_without_losing_accepted_work(small_queue_server: ServerProcess) -> None:
+    """Last in this module: it ends the server."""
+    items = [(f"d-{i}", f"{TEXTS[i % len(TEXTS)]} drain {i}") for i in range(400)]
+    results = []
+    with EmbeddingClient(small_queue_server.address) as client:
+        stream = client.embed_stream(items)
+        results.append(next(stream))
+        started = time.monotonic()
+        small_queue_server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        status = health_status(f"127.0.0.1:{HEALTH_PORT}")
+        with pytest.raises(grpc.RpcError) as refused:
+            EmbeddingClient(small_queue_server.address, service_config={}).embed(["new call"])
+        results.extend(stream)
+    code = small_queue_server.process.wait(60)
+    elapsed = time.monotonic() - started
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert isinstance(refused.value, grpc.Call)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert sorted(r.id for r in results) == sorted(i for i, _ in items)
+    assert all(r.ok for r in results)
+    assert code == 0 and elapsed < 30 + 20
+
+
+def test_engine_death_answers_unavailable_and_exits_nonzero(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = start_server(ENGINE_ARGS, tmp_path_factory.mktemp("death") / "s.log")
+    try:
+        engine_cores = [
+            p
+            for p in psutil.Process(server.process.pid).children(recursive=True)
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+        ]
+        assert engine_cores, "no EngineCore process found"
+        items = [(f"k-{i}", f"{TEXTS[i % len(TEXTS)]} {i}") for i in range(2000)]
+        with EmbeddingClient(server.address) as client:
+            stream = client.embed_stream(items)
+            first = next(stream)
+            assert first.ok
+            for p in engine_cores:
+                p.kill()
+            codes: set[str] = set()
+            seen_not_serving = False
+            try:
+                for result in stream:
+                    if not result.ok and result.error is not None:
+                        codes.add(_code_name(result.error.code))
+            except grpc.RpcError as err:
+                assert isinstance(err, grpc.Call)
+                codes.add(err.code().name)
+            deadline = time.monotonic() + 30
+            while server.process.poll() is None and time.monotonic() < deadline:
+                try:
+                    status = health_status(server.address)
+                    seen_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE"}, codes
+        assert server.process.wait(30) == 1
+        assert seen_not_serving or "engine failure" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def _code_name(number: int) -> str:
+    return next(c.name for c in grpc.StatusCode if c.value[0] == number)
