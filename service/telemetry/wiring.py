@@ -182,6 +182,7 @@ class Telemetry:
     def shutdown(self) -> None:
         """Stop serving /metrics; flush and stop exporters this object created."""
         self.instruments.watch(None, None)
+        self.instruments.flush()  # deferred records reach the final export
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self._owns_providers:

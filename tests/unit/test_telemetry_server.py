@@ -455,3 +455,26 @@ async def test_deadline_passing_in_the_engine_is_deadline_exceeded(make: Maker) 
     span = only(h.finished(EMBED))
     assert status_code(span) == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_cancelled_stream_is_recorded_and_its_context_detached(
+    make: Maker, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await make()
+    h.engine.gate.clear()
+    sent = asyncio.Event()
+
+    async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        yield pb.EmbedStreamRequest(id="0", input="held in the engine")
+        sent.set()
+        await asyncio.Event().wait()  # keep the request stream open
+
+    call = h.stub.EmbedStream(requests(), timeout=10)
+    await sent.wait()
+    await until(lambda: len(h.engine.batches) == 2, "the item is in the engine")
+    with caplog.at_level(logging.WARNING):
+        call.cancel()
+        await until(lambda: bool(h.finished(STREAM)), "stream span ended")
+    span = only(h.finished(STREAM))
+    assert status_code(span) == grpc.StatusCode.CANCELLED.value[0]
+    assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
