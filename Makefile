@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(ENGINE)
 SERVE_ARGS ?=
 
-.PHONY: install serve test lint deploy-check soak stubs clean
+.PHONY: install serve test lint deploy-check soak bench stubs clean
 
 install: $(STAMP)
 
@@ -65,6 +65,12 @@ deploy-check: install
 
 soak: install
 	$(PY) -m pytest -m soak -s tests/integration/test_soak.py
+
+# Every scenario of benchmarks/README.md side by side: about 25 minutes on 2 cores.
+BENCH_OUT ?= benchmarks/results/latest
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m benchmarks.run --out $(BENCH_OUT) $(BENCH_ARGS)
 
 stubs: install
 	$(PY) proto/generate.py

@@ -40,6 +40,10 @@ _MIN_RETRY_AFTER_S = 0.005
 _MAX_RETRY_AFTER_S = 30.0
 # Weight of the newest batch in the running estimate of batch latency (for retry hints).
 _LATENCY_EWMA_WEIGHT = 0.2
+# An INTERACTIVE item within this many seconds means unary callers are live, and BULK
+# batches shrink to the interactive step budget (BatcherLimits.interactive_step_s). Longer
+# than one slow call, so a caller that waited behind a full-size batch keeps the cap on.
+_INTERACTIVE_LIVE_S = 5.0
 # Cancelled items stay in their deque until the actor reaches them (removing from the middle
 # of a deque is O(n)); compact once they outnumber the live ones so memory stays bounded.
 _MIN_DEAD_BEFORE_COMPACT = 64
@@ -63,6 +67,10 @@ class BatcherLimits:
     # INTERACTIVE, so a stream that keeps the queue full cannot lock unary callers out.
     bulk_queue_share: float = 0.75
     max_inflight_batches: int = 2  # one batch runs while the next forms/waits
+    # While unary callers are live, BULK tokens per batch are capped so a batch takes about
+    # this long in the engine: a unary call arriving behind it waits at most that (the
+    # engine runs INTERACTIVE batches first). 0: no cap.
+    interactive_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_items", "max_queue_tokens"):
@@ -70,8 +78,8 @@ class BatcherLimits:
                 raise ValueError(f"{name} must be >= 1")
         if self.max_queue_items < 1 or self.max_inflight_batches < 1:
             raise ValueError("max_queue_items and max_inflight_batches must be >= 1")
-        if self.max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
+        if self.max_wait_s < 0 or self.interactive_step_s < 0:
+            raise ValueError("max_wait_s and interactive_step_s must be >= 0")
         if not 0.0 < self.bulk_queue_share <= 1.0:
             raise ValueError("bulk_queue_share must be in (0, 1]")
 
@@ -226,6 +234,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._batch_latency_s = max(limits.max_wait_s, 0.01)  # prior until a batch is seen
+        self._tokens_per_s = 0.0  # engine speed seen on recent batches; 0: not yet known
+        self._last_interactive_at = -math.inf
         self._bulk_token_cap = int(limits.max_queue_tokens * limits.bulk_queue_share)
         self._bulk_item_cap = int(limits.max_queue_items * limits.bulk_queue_share)
 
@@ -434,6 +444,8 @@ class Batcher:
             token_ids, n_tokens, priority, self._clock(), deadline, future, context=context
         )
         self._queues[priority].append(item)
+        if priority is Priority.INTERACTIVE:
+            self._last_interactive_at = item.enqueued_at
         self._tokens[priority] += n_tokens
         self._items[priority] += 1
         future.add_done_callback(functools.partial(self._on_item_done, item))
@@ -607,17 +619,32 @@ class Batcher:
         batch: list[_Item] = []
         tokens = 0
         for priority in Priority:
+            budget = self._token_budget(priority, now)
             queue = self._queues[priority]
             while (item := self._live_head(queue, now)) is not None:
                 if len(batch) >= self._limits.max_batch_items:
                     return batch
-                if tokens + item.n_tokens > self._limits.max_batch_tokens:
+                # The first item always fits: submit refuses items over max_batch_tokens.
+                if batch and tokens + item.n_tokens > budget:
                     return batch
                 queue.popleft()
                 self._release(item)
                 batch.append(item)
                 tokens += item.n_tokens
         return batch
+
+    def _token_budget(self, priority: Priority, now: float) -> int:
+        """Tokens a batch may hold once items of `priority` join it."""
+        full = self._limits.max_batch_tokens
+        step_s = self._limits.interactive_step_s
+        if (
+            priority is Priority.INTERACTIVE
+            or not step_s
+            or not self._tokens_per_s
+            or now - self._last_interactive_at > _INTERACTIVE_LIVE_S
+        ):
+            return full
+        return min(full, max(1, int(self._tokens_per_s * step_s)))
 
     def _dispatch(self, items: list[_Item], now: float) -> None:
         batch = _Batch(items, dispatched_at=now, open_items=len(items))
@@ -631,7 +658,9 @@ class Batcher:
     async def _run_batch(self, batch: _Batch) -> None:
         error: BaseException | None = None
         try:
-            vectors = await self._engine.embed([item.token_ids for item in batch.items])
+            # The engine runs a batch holding any INTERACTIVE item ahead of queued BULK ones.
+            priority = min(item.priority for item in batch.items)
+            vectors = await self._engine.embed([i.token_ids for i in batch.items], int(priority))
             self._deliver(batch, vectors)
         except asyncio.CancelledError as exc:
             # Either every caller left (nothing to deliver) or the loop is shutting down.
@@ -662,6 +691,12 @@ class Batcher:
         done_at = self._clock()
         inference_s = done_at - batch.dispatched_at
         self._batch_latency_s += _LATENCY_EWMA_WEIGHT * (inference_s - self._batch_latency_s)
+        if inference_s > 0:
+            # Includes time spent behind another in-flight batch, so it errs slow: bulk
+            # batches sized from it finish early rather than late.
+            rate = sum(item.n_tokens for item in items) / inference_s
+            weight = _LATENCY_EWMA_WEIGHT if self._tokens_per_s else 1.0
+            self._tokens_per_s += weight * (rate - self._tokens_per_s)
         for row, item in enumerate(items):
             if not item.future.done():
                 result = ItemResult(

@@ -50,11 +50,19 @@ class ServiceConfig:
     enforce_eager: bool = _opt(
         True, "disable torch.compile/CUDA graphs (avoids vLLM #48901; faster start)"
     )
+    prefix_caching: bool = _opt(
+        True,
+        "let vLLM reuse the KV cache of shared prefixes (instructions) where the model"
+        " allows it; false turns it off",
+    )
     min_dimensions: int = _opt(32, "smallest Matryoshka dimension accepted")
     instruction_template: str = _opt(
         "", "prefix with {instruction} for queries (default: read from the model's prompts)"
     )
     tokenizer_threads: int = _opt(2, "threads that tokenize off the event loop")
+    tokenize_inline_chars: int = _opt(
+        512, "calls with at most this many characters are tokenized on the event loop"
+    )
 
     # Batching and admission
     max_batch_tokens: int = _opt(4096, "token budget of one engine batch")
@@ -64,6 +72,11 @@ class ServiceConfig:
     max_queue_tokens: int = _opt(262144, "bound on queued tokens")
     max_queue_items: int = _opt(8192, "bound on queued items")
     bulk_queue_share: float = _opt(0.75, "share of the queue stream items may hold")
+    interactive_step_ms: float = _opt(
+        50.0,
+        "while unary calls are live, stream batches are sized to take about this long"
+        " in the engine, which bounds a unary call's wait behind them (0: no cap)",
+    )
 
     # Request limits
     max_inputs_per_request: int = _opt(
@@ -94,6 +107,9 @@ class ServiceConfig:
     # Observability (OTLP export and sampling: the standard OTEL_* variables)
     metrics_port: int = _opt(9464, "Prometheus /metrics port, its own HTTP server (0: off)")
     metrics_host: str = _opt("0.0.0.0", "address the /metrics endpoint binds to")
+    timing_metadata: bool = _opt(
+        True, "send x-total-time, x-queue-time, ... as trailing metadata of unary calls"
+    )
     log_format: str = _opt("text", "log lines: text, or json (one object a line, with trace_id)")
     engine: str = _opt(
         "vllm", "engine: vllm, or null (zero vectors at once; measures the front end alone)"

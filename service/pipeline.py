@@ -12,12 +12,12 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
 from service import postprocess
-from service.batching import Batcher, ItemResult, Priority
+from service.batching import Batcher, BatcherClosedError, ItemResult, Priority, QueueFullError
 from service.errors import InvalidInputError
 from service.tokenization import TextTokenizer, TokenizedInput, Truncation
 
@@ -126,23 +126,60 @@ class Embedder:
         with stages.stage("postprocess"):
             return _outcome(inputs, results, spec, tokenized - started)
 
-    async def embed_bulk_item(
-        self, text: str, spec: EmbedSpec, field: str, deadline: float | None
-    ) -> EmbedOutcome:
-        """Stream path: waits for room in the bulk share of the queue instead of failing."""
+    async def embed_bulk(
+        self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
+    ) -> list[EmbedOutcome | Exception]:
+        """Stream path: independent texts, each answered with its own outcome or error.
+
+        Items wait for room in the bulk share of the queue instead of failing. Taking the
+        stream's items a group at a time lets tokenization and post-processing run once
+        per group rather than once per item.
+        """
         started = time.perf_counter()
-        inputs = await self._tokenizer.tokenize(
-            [text], spec.prefix, spec.truncation, field, indexed=False
+        tokenized = await self._tokenizer.tokenize_each(
+            texts, spec.prefix, spec.truncation, field, indexed=False
         )
-        tokenized = time.perf_counter()
+        tokenize_s = time.perf_counter() - started
         # No stage spans per stream item (a bulk stream has millions); metrics and the batch
-        # span's link to the stream's span still see it.
-        self._stages.tokenized(inputs)
-        future = await self._batcher.submit_when_ready(
-            inputs[0].ids, Priority.BULK, deadline, self._stages.caller()
-        )
-        results = await _gather([future])
-        return _outcome(inputs, results, spec, tokenized - started)
+        # span's link to the stream's span still see them.
+        self._stages.tokenized([t for t in tokenized if isinstance(t, TokenizedInput)])
+        caller = self._stages.caller()
+        outcomes: list[EmbedOutcome | Exception | None] = [
+            t if isinstance(t, InvalidInputError) else None for t in tokenized
+        ]
+        futures: dict[int, asyncio.Future[ItemResult]] = {}
+        try:
+            for i, item in enumerate(tokenized):
+                if isinstance(item, InvalidInputError):
+                    continue
+                try:
+                    futures[i] = await self._batcher.submit_when_ready(
+                        item.ids, Priority.BULK, deadline, caller
+                    )
+                except (QueueFullError, BatcherClosedError, ValueError) as exc:
+                    outcomes[i] = exc
+            done = await asyncio.gather(*futures.values(), return_exceptions=True)
+        finally:
+            for f in futures.values():  # only still-pending ones: the caller went away
+                f.cancel()
+        good: list[tuple[int, ItemResult]] = []
+        for i, result in zip(futures, done, strict=True):
+            if isinstance(result, ItemResult):
+                good.append((i, result))
+            elif isinstance(result, Exception):
+                outcomes[i] = result
+            else:
+                raise result  # cancelled
+        if good:
+            raw = np.stack([r.vector for _, r in good])
+            vectors = postprocess.shape(raw, spec.dimensions, spec.normalize)
+            for row, (i, r) in enumerate(good):
+                outcomes[i] = EmbedOutcome(
+                    vectors=vectors[row : row + 1],
+                    inputs=[cast(TokenizedInput, tokenized[i])],
+                    timing=Timing(tokenize_s, r.queue_s, r.inference_s),
+                )
+        return cast(list[EmbedOutcome | Exception], outcomes)  # every index was set above
 
     def _check_deadline(self, deadline: float | None) -> None:
         # Refusing now is kinder than queueing work that will be thrown away: the caller can

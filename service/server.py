@@ -53,6 +53,7 @@ def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engi
             max_num_batched_tokens=max(config.max_batch_tokens, config.max_model_len),
             max_num_seqs=config.max_batch_items,
             enforce_eager=config.enforce_eager,
+            prefix_caching=config.prefix_caching,
         )
     )
 
@@ -133,7 +134,10 @@ async def build_components(
     # A single input may be as long as the model allows, so the budget is at least that.
     budget = max(config.max_batch_tokens, info.max_input_tokens)
     tokenizer = TextTokenizer(
-        path / "tokenizer.json", info.max_input_tokens, config.tokenizer_threads
+        path / "tokenizer.json",
+        info.max_input_tokens,
+        config.tokenizer_threads,
+        config.tokenize_inline_chars,
     )
     batcher = Batcher(
         engine,
@@ -145,6 +149,7 @@ async def build_components(
             max_queue_items=config.max_queue_items,
             bulk_queue_share=config.bulk_queue_share,
             max_inflight_batches=config.max_inflight_batches,
+            interactive_step_s=config.interactive_step_ms / 1000,
         ),
         observer=telemetry.batch_observer,
     )
@@ -233,7 +238,7 @@ class EmbeddingServer:
             options=grpc_options(config),
             interceptors=[*self.telemetry.interceptors, *_interceptors(config)],
         )
-        self.servicer = EmbeddingServicer()
+        self.servicer = EmbeddingServicer(config.timing_metadata)
         self.health = health.aio.HealthServicer()
         add_servicer(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -1,4 +1,4 @@
-"""Tokenize in the service, off the event loop, with the model's fast tokenizer.
+"""Tokenize in the service, with the model's fast tokenizer: long inputs off the event loop.
 
 The batcher needs token counts before anything is batched, and sending token ids spares
 vLLM's front end the work. Truncation is done here too, and always keeps the special
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from tokenizers import Encoding, Tokenizer
 
@@ -47,7 +48,9 @@ def _special_tokens(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 class TextTokenizer:
-    def __init__(self, tokenizer_file: Path, max_tokens: int, threads: int) -> None:
+    def __init__(
+        self, tokenizer_file: Path, max_tokens: int, threads: int, inline_chars: int = 0
+    ) -> None:
         self._tok = Tokenizer.from_file(str(tokenizer_file))
         # Some models ship tokenizer.json with truncation and fixed padding configured
         # (MiniLM: 128). Either would silently change vectors, so both are turned off.
@@ -56,6 +59,9 @@ class TextTokenizer:
         self._head, self._tail = _special_tokens(self._tok)
         self.max_tokens = max_tokens
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
+        # Handing work to a thread costs the event loop about as much as tokenizing a
+        # sentence, so calls with at most this many characters are tokenized inline.
+        self._inline_chars = inline_chars
 
     @property
     def special_count(self) -> int:
@@ -69,9 +75,26 @@ class TextTokenizer:
         field: str,
         indexed: bool = True,
     ) -> list[TokenizedInput]:
+        """All texts of one request; the first bad one fails the whole request.
+
+        `field` names the texts in errors: "inputs[3]", or "input" when not indexed.
+        """
+        return _all_or_raise(await self.tokenize_each(texts, prefix, truncation, field, indexed))
+
+    async def tokenize_each(
+        self,
+        texts: Sequence[str],
+        prefix: str,
+        truncation: Truncation,
+        field: str,
+        indexed: bool = True,
+    ) -> list[TokenizedInput | InvalidInputError]:
+        """Independent texts (stream items): each comes back tokenized or as its error."""
+        if sum(map(len, texts)) + len(prefix) * len(texts) <= self._inline_chars:
+            return self._each(texts, prefix, truncation, field, indexed)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._pool, self.tokenize_sync, texts, prefix, truncation, field, indexed
+            self._pool, self._each, texts, prefix, truncation, field, indexed
         )
 
     def tokenize_sync(
@@ -82,18 +105,27 @@ class TextTokenizer:
         field: str,
         indexed: bool = True,
     ) -> list[TokenizedInput]:
-        """`field` names the texts in errors: "inputs[3]", or "input" when not indexed."""
+        """`tokenize`, on the calling thread."""
+        return _all_or_raise(self._each(texts, prefix, truncation, field, indexed))
+
+    def _each(
+        self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str, indexed: bool
+    ) -> list[TokenizedInput | InvalidInputError]:
         budget = self.max_tokens - self.special_count
         full = [prefix + t for t in texts] if prefix else list(texts)
         # encode_batch_fast skips offsets; they are only needed for the rare long input.
         encodings = self._tok.encode_batch_fast(full, add_special_tokens=False)
-        out = []
+        out: list[TokenizedInput | InvalidInputError] = []
         for i, enc in enumerate(encodings):
             ids = enc.ids
             truncated = len(ids) > budget
             if truncated:
                 name = f"{field}[{i}]" if indexed else field
-                ids = self._truncate(full[i], len(prefix), budget, truncation, name)
+                try:
+                    ids = self._truncate(full[i], len(prefix), budget, truncation, name)
+                except InvalidInputError as exc:
+                    out.append(exc)
+                    continue
             out.append(TokenizedInput(self._head + ids + self._tail, truncated))
         return out
 
@@ -117,3 +149,10 @@ class TextTokenizer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _all_or_raise(items: list[TokenizedInput | InvalidInputError]) -> list[TokenizedInput]:
+    for item in items:
+        if isinstance(item, InvalidInputError):
+            raise item
+    return cast(list[TokenizedInput], items)

@@ -40,7 +40,9 @@ class FakeEngine:
     def alive(self) -> bool:
         return not self.dead
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         if self.dead:
             raise EngineUnavailableError("fake engine is dead")
         self.batches.append([list(ids) for ids in batch])

@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
@@ -24,6 +25,7 @@ from service.engines.base import EngineInfo
 from service.errors import InvalidInputError, NotReadyError
 from service.model_card import ModelCard
 from service.pipeline import Embedder, EmbedOutcome, EmbedSpec
+from service.telemetry import names
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +134,26 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
+def _ms(us: int) -> str:
+    return f"{us / 1000:.3f}"
+
+
+def timing_metadata(timing: pb.Timing) -> tuple[tuple[str, str], ...]:
+    """The response body's timing, in milliseconds, for callers that read only metadata."""
+    return (
+        (names.TOTAL_TIME_HEADER, _ms(timing.total_us)),
+        (names.QUEUE_TIME_HEADER, _ms(timing.queue_us)),
+        (names.INFERENCE_TIME_HEADER, _ms(timing.inference_us)),
+        (names.TOKENIZE_TIME_HEADER, _ms(timing.tokenize_us)),
+    )
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self) -> None:
+    def __init__(self, send_timing_metadata: bool = True) -> None:
         self._runtime: Runtime | None = None
+        # Metadata on a unary response costs grpc.aio about as much as the rest of a
+        # null-engine call's telemetry (see benchmarks/README.md); operators may drop it.
+        self._send_timing = send_timing_metadata
 
     def attach(self, runtime: Runtime) -> None:
         """Called by the server once the engine is loaded and warm."""
@@ -152,7 +171,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             if isinstance(request, Undecodable):
                 raise request.invalid("request")
-            return await handler(self._ready())
+            response = await handler(self._ready())
+            timing = getattr(response, "timing", None)
+            if self._send_timing and isinstance(timing, pb.Timing):
+                context.set_trailing_metadata(timing_metadata(timing))
+            return response
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # mapped, never leaked as UNKNOWN
@@ -242,8 +265,15 @@ def _similarity_results(scores: postprocess.FloatMatrix, k: int) -> list[pb.Simi
     ]
 
 
+# A stream's items go to the pipeline in groups: tokenizing, post-processing and encoding
+# once per group costs a fraction of doing it per item. A group is what arrived within
+# _GROUP_WAIT_S of its first item, at most _GROUP_ITEMS.
+_GROUP_ITEMS = 256
+_GROUP_WAIT_S = 0.001
+
+
 class _Stream:
-    """One EmbedStream call: a reader task feeds items in, results go out as they finish.
+    """One EmbedStream call: a reader feeds items in, results go out as they finish.
 
     At most `stream_max_inflight` items are read but not yet answered. The reader stops
     pulling requests when that many are out, so a client that sends faster than the engine
@@ -258,12 +288,16 @@ class _Stream:
         # (response, whether it answers an item that holds its id in _inflight_ids)
         self._results: asyncio.Queue[tuple[pb.EmbedStreamResponse, bool] | None] = asyncio.Queue()
         self._inflight_ids: set[str] = set()
+        self._pending: list[pb.EmbedStreamRequest] = []  # read, not yet in a group
+        self._arrived = asyncio.Event()
+        self._reading = True
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(
         self, requests: AsyncIterator[pb.EmbedStreamRequest]
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         reader = asyncio.create_task(self._read(requests))
+        grouper = asyncio.create_task(self._group())
         try:
             while (result := await self._results.get()) is not None:
                 response, holds_id = result
@@ -273,11 +307,10 @@ class _Stream:
                 self._slots.release()
             await reader  # re-raise a failure of the request stream itself
         finally:
-            reader.cancel()
-            for task in self._tasks:
+            for task in (reader, grouper, *self._tasks):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+                await asyncio.gather(reader, grouper, *self._tasks, return_exceptions=True)
 
     async def _read(self, requests: AsyncIterator[pb.EmbedStreamRequest]) -> None:
         try:
@@ -287,44 +320,91 @@ class _Stream:
                     # No id can be read from it; answer with an empty id and go on.
                     error = to_status(request.invalid("request"))
                     self._results.put_nowait((pb.EmbedStreamResponse(error=error), False))
-                    continue
-                self._start(request)
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
+                elif request.id in self._inflight_ids:
+                    # Refused for this item only; the first item with that id goes on.
+                    error = to_status(
+                        InvalidInputError(
+                            "id", f"id {request.id!r} is already in flight on this stream"
+                        )
+                    )
+                    response = pb.EmbedStreamResponse(id=request.id, error=error)
+                    self._results.put_nowait((response, False))
+                else:
+                    self._inflight_ids.add(request.id)
+                    self._pending.append(request)
+                    self._arrived.set()
         finally:
-            self._results.put_nowait(None)
+            self._reading = False
+            self._arrived.set()
 
-    def _start(self, request: pb.EmbedStreamRequest) -> None:
-        if request.id in self._inflight_ids:
-            # Refused for this item only; the first item with that id goes on.
-            error = InvalidInputError(
-                "id", f"id {request.id!r} is already in flight on this stream"
-            )
-            response = pb.EmbedStreamResponse(id=request.id, error=to_status(error))
-            self._results.put_nowait((response, False))
-            return
-        self._inflight_ids.add(request.id)
-        task = asyncio.create_task(self._item(request))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _group(self) -> None:
+        """Hands read items to the pipeline a group at a time; ends the results when done."""
+        while True:
+            if not self._pending:
+                if not self._reading:
+                    break
+                # Cleared right before waiting, with the state checked and no await between.
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self._reading and len(self._pending) < _GROUP_ITEMS:
+                await asyncio.sleep(_GROUP_WAIT_S)  # let the rest of a burst arrive
+            group = self._pending[:_GROUP_ITEMS]
+            del self._pending[:_GROUP_ITEMS]
+            task = asyncio.create_task(self._items(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self._results.put_nowait(None)
 
-    async def _item(self, request: pb.EmbedStreamRequest) -> None:
+    async def _items(self, group: list[pb.EmbedStreamRequest]) -> None:
         started = time.perf_counter()
         rt = self._rt
+        by_spec: dict[EmbedSpec, list[pb.EmbedStreamRequest]] = {}
+        for request in group:
+            try:
+                rt.validator.text(request.input, "input")
+                spec = rt.validator.options(request.options)
+            except Exception as exc:
+                self._answer(request.id, exc, started)
+                continue
+            by_spec.setdefault(spec, []).append(request)
+        await asyncio.gather(
+            *(self._embed(spec, requests, started) for spec, requests in by_spec.items())
+        )
+
+    async def _embed(
+        self, spec: EmbedSpec, requests: list[pb.EmbedStreamRequest], started: float
+    ) -> None:
+        """Items with the same options: one pipeline call, one encoding pass."""
+        texts = [r.input for r in requests]
         try:
-            rt.validator.text(request.input, "input")
-            spec = rt.validator.options(request.options)
-            outcome = await rt.embedder.embed_bulk_item(
-                request.input, spec, "input", self._deadline
-            )
-            embedding = _embeddings(outcome, spec)[0]
-            response = pb.EmbedStreamResponse(
-                id=request.id, embedding=embedding, timing=_timing(outcome, started)
-            )
+            outcomes = await self._rt.embedder.embed_bulk(texts, spec, "input", self._deadline)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            response = pb.EmbedStreamResponse(
-                id=request.id, error=to_status(exc), timing=_timing(None, started)
+            outcomes = [exc] * len(requests)
+        good = [
+            (r, o) for r, o in zip(requests, outcomes, strict=True) if not isinstance(o, Exception)
+        ]
+        if good:
+            merged = EmbedOutcome(
+                vectors=np.concatenate([o.vectors for _, o in good]),
+                inputs=[o.inputs[0] for _, o in good],
+                timing=good[0][1].timing,
             )
+            for (request, ok), embedding in zip(good, _embeddings(merged, spec), strict=True):
+                response = pb.EmbedStreamResponse(
+                    id=request.id, embedding=embedding, timing=_timing(ok, started)
+                )
+                self._results.put_nowait((response, True))
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._answer(request.id, outcome, started)
+
+    def _answer(self, item_id: str, error: Exception, started: float) -> None:
+        response = pb.EmbedStreamResponse(
+            id=item_id, error=to_status(error), timing=_timing(None, started)
+        )
         self._results.put_nowait((response, True))

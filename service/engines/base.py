@@ -36,8 +36,13 @@ class Engine(Protocol):
         """False once the engine can never serve again (its process died)."""
         ...
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         """Return an array of shape (len(batch), info.dimension).
+
+        Lower `priority` runs first among batches waiting in the engine (engines without a
+        queue of their own ignore it).
 
         Cancelling the awaiting task must abort the work in the engine.
         Failures are raised as EngineUnavailableError.

@@ -48,7 +48,9 @@ class NullEngine:
     def alive(self) -> bool:
         return True
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         return np.zeros((len(batch), self._info.dimension), np.float32)
 
     async def close(self) -> None:

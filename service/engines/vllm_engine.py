@@ -35,6 +35,7 @@ class VllmSettings:
     max_num_batched_tokens: int
     max_num_seqs: int
     enforce_eager: bool
+    prefix_caching: bool = True  # False: off; True: vLLM's choice for the model
 
 
 def _resolve_dtype(dtype: str) -> str:
@@ -69,15 +70,17 @@ class VllmEngine:
     @classmethod
     def load(cls, settings: VllmSettings) -> VllmEngine:
         # vLLM reads the model's own limit when max_model_len is not given.
-        length: dict[str, Any] = (
+        optional: dict[str, Any] = (
             {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
         )
+        if not settings.prefix_caching:
+            optional["enable_prefix_caching"] = False
         args = AsyncEngineArgs(
             model=str(settings.model_path),
             served_model_name=settings.served_name,
             runner="pooling",
             dtype=cast(Any, _resolve_dtype(settings.dtype)),
-            **length,
+            **optional,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_num_seqs=settings.max_num_seqs,
@@ -86,6 +89,8 @@ class VllmEngine:
             enforce_eager=settings.enforce_eager,
             # The service tokenizes; vLLM only needs the ids.
             skip_tokenizer_init=True,
+            # Sequences of a batch with unary calls in it overtake queued stream sequences.
+            scheduling_policy="priority",
         )
         llm = AsyncLLM.from_engine_args(args)
         cfg = llm.model_config
@@ -100,20 +105,25 @@ class VllmEngine:
         log.info("vLLM engine loaded: %s", info)
         return cls(llm, info)
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         if self._llm.errored:
             raise EngineUnavailableError(f"vLLM engine is dead: {self._llm.dead_error}")
         # vLLM packs the sequences of all in-flight requests into its own steps; submitting
         # them together lets it see the whole batch at once. Cancelling this coroutine
         # cancels the per-sequence tasks, which aborts them in the engine.
-        rows = await asyncio.gather(*(self._one(ids) for ids in batch))
+        rows = await asyncio.gather(*(self._one(ids, priority) for ids in batch))
         return np.stack(rows) if rows else np.zeros((0, self._info.dimension), np.float32)
 
-    async def _one(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+    async def _one(self, ids: Sequence[int], priority: int) -> npt.NDArray[np.float32]:
         final = None
         try:
             async for out in self._llm.encode(
-                {"prompt_token_ids": list(ids)}, self._params, request_id=uuid.uuid4().hex
+                {"prompt_token_ids": list(ids)},
+                self._params,
+                request_id=uuid.uuid4().hex,
+                priority=priority,
             ):
                 final = out
         except (EngineDeadError, EngineGenerateError) as exc:

@@ -33,7 +33,6 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes
 
-from embedding.v1 import embedding_pb2 as pb
 from service.telemetry import names
 from service.telemetry.metrics import Instruments
 
@@ -71,20 +70,6 @@ def _cancel_code(context: Context) -> grpc.StatusCode:
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
-
-
-def _ms(us: int) -> str:
-    return f"{us / 1000:.3f}"
-
-
-def timing_metadata(timing: pb.Timing) -> tuple[tuple[str, str], ...]:
-    """The response body's timing, in milliseconds, for callers that read only metadata."""
-    return (
-        (names.TOTAL_TIME_HEADER, _ms(timing.total_us)),
-        (names.QUEUE_TIME_HEADER, _ms(timing.queue_us)),
-        (names.INFERENCE_TIME_HEADER, _ms(timing.inference_us)),
-        (names.TOKENIZE_TIME_HEADER, _ms(timing.tokenize_us)),
-    )
 
 
 def _incoming_trace_id(context: Context) -> str:
@@ -172,9 +157,9 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     # ----------------------------------------------------------------- per-call wrappers
-    # The common path (tracing off, status OK, DEBUG off) runs inline: two clock reads, one
-    # deferred histogram record and the timing metadata. Every extra Python call on it shows
-    # in the null-engine benchmark.
+    # The common path (tracing off, status OK, DEBUG off) runs inline: two clock reads and
+    # one deferred histogram record. Every extra Python call on it shows in the null-engine
+    # benchmark.
 
     def _unary(
         self, behavior: Callable[..., Any], method: _Method
@@ -192,10 +177,6 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
             try:
                 response = await behavior(request, context)
                 code = context.code() or ok
-                timing = getattr(response, "timing", None)
-                if isinstance(timing, pb.Timing):
-                    existing = context.trailing_metadata() or ()
-                    context.set_trailing_metadata((*existing, *timing_metadata(timing)))
                 return response
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN

@@ -57,6 +57,7 @@ class FakeEngine:
         self.active = 0
         self.max_active = 0
         self.cancelled = 0
+        self.priorities: list[int] = []
 
     @property
     def info(self) -> EngineInfo:
@@ -68,9 +69,12 @@ class FakeEngine:
     def release(self) -> None:
         self.gate.set()
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         call = len(self.batches)
         self.batches.append([list(ids) for ids in batch])
+        self.priorities.append(priority)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -317,6 +321,74 @@ async def test_items_that_waited_behind_a_busy_engine_go_immediately() -> None:
         engine.release()  # no further submit: the freed slot alone must trigger dispatch
         await results(futures)
     assert firsts(engine) == [[1, 2], [3]]
+
+
+# --------------------------------------------------------- interactive latency under bulk
+
+
+async def test_engine_is_told_which_batches_carry_unary_calls() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=2, max_inflight_batches=1)
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        futures = batcher.submit([ids(1, 1), ids(2, 1)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        futures += batcher.submit([ids(3, 1)], Priority.BULK)
+        futures += batcher.submit([ids(4, 1)], Priority.INTERACTIVE)
+        engine.release()
+        await results(futures)
+    assert firsts(engine) == [[1, 2], [4, 3]]
+    assert engine.priorities == [Priority.BULK, Priority.INTERACTIVE]
+
+
+async def test_bulk_batches_shrink_to_the_step_budget_while_unary_calls_are_live() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
+    async with running(engine, limits, clock) as batcher:
+        # A full bulk batch of 80 tokens takes 2 s on the clock: the engine does 40 tokens/s,
+        # so a 0.25 s step holds 10 tokens while unary callers are live.
+        engine.hold()
+        first = batcher.submit([ids(t, 10) for t in range(1, 9)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        clock.now = 2.0
+        engine.release()
+        await results(first)
+
+        engine.hold()
+        blocker = batcher.submit([ids(10, 10)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        unary = batcher.submit([ids(20, 4)], Priority.INTERACTIVE)
+        bulk = batcher.submit([ids(t, 4) for t in range(30, 36)], Priority.BULK)
+        engine.release()
+        await results([*blocker, *unary, *bulk])
+
+        # Long after the last unary call, bulk batches are full-size again.
+        clock.now = 60.0
+        await results(batcher.submit([ids(t, 10) for t in range(40, 45)], Priority.BULK))
+    assert firsts(engine)[1:] == [
+        [10],
+        [20, 30],  # the unary item, then bulk up to 10 tokens in all
+        [31, 32],
+        [33, 34],
+        [35],
+        [40, 41, 42, 43, 44],
+    ]
+
+
+async def test_no_step_budget_without_unary_traffic() -> None:
+    clock = FakeClock()
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
+    async with running(engine, limits, clock) as batcher:
+        engine.hold()
+        first = batcher.submit([ids(t, 10) for t in range(1, 9)], Priority.BULK)
+        await wait_until(lambda: engine.active == 1)
+        clock.now = 2.0
+        engine.release()
+        await results(first)
+        await results(batcher.submit([ids(t, 10) for t in range(10, 18)], Priority.BULK))
+    assert firsts(engine) == [list(range(1, 9)), list(range(10, 18))]
 
 
 # ----------------------------------------------------------------------------- pipelining

@@ -27,13 +27,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedding.v1 import embedding_pb2 as pb
+from service.api.servicer import timing_metadata
 from service.batching import Batcher, BatcherLimits, DeadlineExpiredError, Priority, QueueFullError
 from service.config import ServiceConfig, load_config
 from service.engines.base import EngineInfo
 from service.engines.null_engine import NullEngine
 from service.telemetry import QUEUE_ITEMS_METRIC, QUEUE_TOKENS_METRIC, Telemetry, names
 from service.telemetry.batches import BatchTelemetry
-from service.telemetry.interceptor import timing_metadata
 from service.telemetry.logs import configure_logging
 from service.telemetry.metrics import Instruments
 
@@ -111,7 +111,9 @@ class _InstantEngine:
     def alive(self) -> bool:
         return True
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         return np.zeros((len(batch), 2), np.float32)
 
     async def close(self) -> None:

@@ -64,7 +64,9 @@ class GatedEngine:
     def alive(self) -> bool:
         return True
 
-    async def embed(self, batch: Sequence[Sequence[int]]) -> npt.NDArray[np.float32]:
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
         self.batches.append(len(batch))
         await self.gate.wait()
         return np.ones((len(batch), DIM), np.float32)

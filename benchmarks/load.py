@@ -1,0 +1,219 @@
+"""Load generators: bounded in count and time, loopback only, each stops by itself.
+
+Two clients with one interface, so every scenario drives both servers the same way:
+- GrpcClient: the service's Embed (raw generated stubs, vectors as float32 bytes);
+- HttpClient: vLLM's OpenAI /v1/embeddings (base64 vectors, its cheapest encoding).
+Both decode the vectors they get, as a real caller would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Protocol
+
+import aiohttp
+import grpc.aio
+import numpy as np
+
+from benchmarks.measure import Point
+from embedding.v1 import embedding_pb2 as pb
+from embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+CALL_TIMEOUT_S = 300.0
+
+
+class Client(Protocol):
+    async def embed(self, texts: Sequence[str]) -> int:
+        """Embed `texts`; return the prompt tokens the server counted."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class GrpcClient:
+    def __init__(self, port: int) -> None:
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = pb_grpc.EmbeddingServiceStub(self._channel)
+
+    async def embed(self, texts: Sequence[str]) -> int:
+        reply = await self.stub.Embed(pb.EmbedRequest(inputs=texts), timeout=CALL_TIMEOUT_S)
+        for e in reply.embeddings:
+            np.frombuffer(e.data, np.float32)
+        return int(reply.usage.prompt_tokens)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class HttpClient:
+    def __init__(self, port: int, model: str, connections: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/v1/embeddings"
+        self._model = model
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections),
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+        )
+
+    async def embed(self, texts: Sequence[str]) -> int:
+        body = {"model": self._model, "input": list(texts), "encoding_format": "base64"}
+        async with self._session.post(self._url, json=body) as reply:
+            if reply.status != 200:
+                raise RuntimeError(f"HTTP {reply.status}: {(await reply.text())[:200]}")
+            out = await reply.json()
+        for item in out["data"]:
+            np.frombuffer(base64.b64decode(item["embedding"]), np.float32)
+        return int(out["usage"]["prompt_tokens"])
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _slices(texts: Sequence[str], batch: int, cycle: bool) -> Iterator[Sequence[str]]:
+    starts = itertools.count(0, batch) if cycle else iter(range(0, len(texts), batch))
+    for start in starts:
+        i = start % len(texts)
+        yield texts[i : i + batch]
+
+
+async def closed_loop(
+    client: Client,
+    texts: Sequence[str],
+    *,
+    batch: int,
+    concurrency: int,
+    seconds: float,
+    cycle: bool = False,
+) -> Point:
+    """`concurrency` callers, each sending its next `batch` texts as soon as the last returns.
+
+    Stops after `seconds`, or when the texts run out (unless `cycle`); calls that finish
+    count, and throughput is over the time until the last of them returned.
+    """
+    work = _slices(texts, batch, cycle)
+    point = Point()
+    began = time.perf_counter()
+    end = began + seconds
+
+    async def caller() -> None:
+        for chunk in work:
+            if time.perf_counter() >= end:
+                return
+            t0 = time.perf_counter()
+            try:
+                tokens = await client.embed(chunk)
+            except (grpc.aio.AioRpcError, aiohttp.ClientError, RuntimeError):
+                point.errors += 1
+                continue
+            point.latencies.append(time.perf_counter() - t0)
+            point.calls += 1
+            point.texts += len(chunk)
+            point.tokens += tokens
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    point.seconds = time.perf_counter() - began
+    return point
+
+
+async def stream(
+    stub: pb_grpc.EmbeddingServiceAsyncStub,
+    texts: Sequence[str],
+    *,
+    stop: asyncio.Event | None = None,
+) -> Point:
+    """One EmbedStream carrying `texts` (over and over until `stop`, when given).
+
+    The writer sends as fast as the server's flow control lets it; latency is per item,
+    from the moment the item went out to its result.
+    """
+    sent: dict[str, float] = {}
+    point = Point()
+
+    async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        for n in itertools.count():
+            if stop is None and n >= len(texts):
+                return
+            if stop is not None and stop.is_set():
+                return
+            key = str(n)
+            sent[key] = time.perf_counter()
+            yield pb.EmbedStreamRequest(id=key, input=texts[n % len(texts)])
+
+    began = time.perf_counter()
+    call = stub.EmbedStream(requests(), timeout=CALL_TIMEOUT_S * 10)
+    async for result in call:
+        point.latencies.append(time.perf_counter() - sent.pop(result.id))
+        if result.HasField("error"):
+            point.errors += 1
+            continue
+        np.frombuffer(result.embedding.data, np.float32)
+        point.texts += 1
+        point.tokens += result.embedding.token_count
+    point.calls = 1
+    point.seconds = time.perf_counter() - began
+    return point
+
+
+async def mixed(
+    unary: Client,
+    queries: Sequence[str],
+    bulk: AsyncIterator[None] | None,
+    *,
+    concurrency: int,
+    seconds: float,
+    ramp_s: float,
+) -> Point:
+    """Single-query unary calls while `bulk` (an async job, or None for idle) runs.
+
+    The bulk job starts `ramp_s` before the measured window so the engine is saturated
+    when it opens, and is cancelled when the window closes.
+    """
+    runner: asyncio.Task[None] | None = None
+    if bulk is not None:
+        runner = asyncio.ensure_future(_drain(bulk))
+        await asyncio.sleep(ramp_s)
+    try:
+        return await closed_loop(
+            unary, queries, batch=1, concurrency=concurrency, seconds=seconds, cycle=True
+        )
+    finally:
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+
+
+async def _drain(job: AsyncIterator[None]) -> None:
+    async for _ in job:
+        pass
+
+
+async def http_bulk(
+    port: int, model: str, texts: Sequence[str], *, batch: int, workers: int
+) -> AsyncIterator[None]:
+    """The HTTP peer's bulk load: `workers` requests of `batch` texts at a time, on a
+    connection pool of its own (a bulk job is another client than the interactive ones)."""
+    client = HttpClient(port, model, workers)
+    work = _slices(texts, batch, cycle=True)
+
+    async def worker() -> None:
+        for chunk in work:
+            await client.embed(chunk)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    finally:
+        await client.close()
+    yield
+
+
+async def grpc_bulk(port: int, texts: Sequence[str]) -> AsyncIterator[None]:
+    """The service's bulk load: one EmbedStream that never runs out, on its own channel."""
+    client = GrpcClient(port)
+    try:
+        await stream(client.stub, texts, stop=asyncio.Event())
+    finally:
+        await client.close()
+    yield

@@ -1,0 +1,222 @@
+"""result.json -> report.md and two PNG plots.
+
+python -m benchmarks.report benchmarks/results/latest
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+SERVERS = (("service", "service"), ("vllm", "vLLM server"))
+
+Row = dict[str, Any]
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _scenarios(results: Row) -> list[tuple[str, str, str, str]]:
+    """(label, kind, section, key) of every throughput point, in report order."""
+    service = results.get("service") or results.get("vllm") or {}
+    out = []
+    for kind, points in service.get("unary", {}).items():
+        out += [(f"unary, {c} concurrent", kind, "unary", c) for c in points]
+        out.append(("32-text calls, 4 concurrent", kind, "batch32", ""))
+        out.append(("bulk (service: one stream; vLLM: 64-text calls)", kind, "bulk", ""))
+    return out
+
+
+def _point(results: Row, server: str, section: str, kind: str, key: str) -> Row | None:
+    node: Row | None = results.get(server, {}).get(section, {}).get(kind)
+    if node is not None and key:
+        node = node.get(key)
+    return node
+
+
+def throughput_table(results: Row) -> list[str]:
+    header = ["load", "texts", "ceiling docs/s"]
+    for _, name in SERVERS:
+        header += [f"{name} docs/s", "tok/s", "p50 / p95 / p99 ms"]
+    header += ["service / ceiling", "service / vLLM"]
+    rows = []
+    for label, kind, section, key in _scenarios(results):
+        ceiling = results.get("ceiling", {}).get(kind, {}).get("docs_per_s")
+        row = [label, kind, _f(ceiling)]
+        rates: dict[str, float | None] = {}
+        for server, _ in SERVERS:
+            p = _point(results, server, section, kind, key) or {}
+            rates[server] = p.get("docs_per_s")
+            lat = " / ".join(_f(p.get(f"p{q}_ms")) for q in (50, 95, 99))
+            row += [_f(rates[server]), _f(p.get("tokens_per_s"), 0), lat]
+        row += [
+            _f(_ratio(rates["service"], ceiling), 2),
+            _f(_ratio(rates["service"], rates["vllm"]), 2),
+        ]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def cpu_table(results: Row) -> list[str]:
+    header = ["load", "texts", "service CPU s / 1000 texts", "vLLM server CPU s / 1000 texts"]
+    header.append("service / vLLM")
+    rows = []
+    for label, kind, section, key in _scenarios(results):
+        costs = [
+            (_point(results, s, section, kind, key) or {}).get("cpu_s_per_1000_texts")
+            for s, _ in SERVERS
+        ]
+        rows.append([label, kind, _f(costs[0], 2), _f(costs[1], 2), _f(_ratio(*costs), 2)])
+    return _table(header, rows)
+
+
+def mixed_table(results: Row) -> list[str]:
+    header = ["server", "idle p50 / p99 ms", "under bulk p50 / p99 ms", "p99 under bulk / idle"]
+    rows = []
+    for server, name in SERVERS:
+        mixed = results.get(server, {}).get("mixed", {})
+        idle, loaded = mixed.get("idle", {}), mixed.get("loaded", {})
+        rows.append(
+            [
+                name,
+                f"{_f(idle.get('p50_ms'))} / {_f(idle.get('p99_ms'))}",
+                f"{_f(loaded.get('p50_ms'))} / {_f(loaded.get('p99_ms'))}",
+                _f(_ratio(loaded.get("p99_ms"), idle.get("p99_ms")), 2),
+            ]
+        )
+    return _table(header, rows)
+
+
+def null_table(results: Row) -> list[str]:
+    header = ["load", "telemetry", "texts/s", "server µs / text", "texts per server CPU-s"]
+    header += ["throughput cost", "CPU cost"]
+    rows = []
+    for r in results.get("null_engine", {}).get("results", []):
+        rows.append(
+            [
+                r["load"],
+                r["mode"],
+                _f(r["texts_per_s"], 0),
+                _f(r["cpu_us_per_text"], 1),
+                _f(r["texts_per_cpu_s"], 0),
+                _f(r.get("throughput_overhead_pct"))
+                + ("%" if "throughput_overhead_pct" in r else ""),
+                _f(r.get("cpu_overhead_pct")) + ("%" if "cpu_overhead_pct" in r else ""),
+            ]
+        )
+    return _table(header, rows)
+
+
+def plot_throughput(results: Row, path: Path) -> None:
+    service = results.get("service") or results.get("vllm") or {}
+    kinds = list(service.get("unary", {}))
+    if not kinds:
+        return
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for server, name in SERVERS:
+            points = results.get(server, {}).get("unary", {}).get(kind, {})
+            if points:
+                xs = [int(c) for c in points]
+                ax.plot(xs, [p["docs_per_s"] for p in points.values()], marker="o", label=name)
+        ceiling = results.get("ceiling", {}).get(kind, {}).get("docs_per_s")
+        if ceiling:
+            ax.axhline(ceiling, linestyle="--", color="grey", label="engine ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent single-text calls")
+        ax.set_ylabel("docs/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"throughput, {kind}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mixed(results: Row, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    labels, width = ("p50", "p95", "p99"), 0.2
+    for i, (server, name) in enumerate(SERVERS):
+        for j, state in enumerate(("idle", "loaded")):
+            p = results.get(server, {}).get("mixed", {}).get(state)
+            if not p:
+                continue
+            xs = [k + (i * 2 + j - 1.5) * width for k in range(len(labels))]
+            values = [p.get(f"{q}_ms") or 0 for q in labels]
+            ax.bar(xs, values, width, label=f"{name}, {'idle' if j == 0 else 'under bulk load'}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("unary query latency, ms (log)")
+    ax.set_title("interactive latency, idle and while bulk traffic saturates the engine")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: Row) -> str:
+    meta = results.get("meta", {})
+    lines = [
+        "# Benchmark results",
+        "",
+        f"{meta.get('date', '')}; {meta.get('machine', '')}; model {meta.get('model', '')}.",
+        "",
+        f"Engine settings {json.dumps(meta.get('engine', {}))};"
+        f" corpus {json.dumps(meta.get('corpus', {}))};"
+        f" {meta.get('plan', {}).get('seconds')} s per point; the run took {meta.get('wall_s')} s.",
+        "",
+        "## Throughput and latency",
+        "",
+        *throughput_table(results),
+        "## Serving-path CPU (the serving process only, not vLLM's engine core)",
+        "",
+        *cpu_table(results),
+        "## Mixed load: unary queries while bulk traffic saturates the engine",
+        "",
+        *mixed_table(results),
+    ]
+    if "null_engine" in results:
+        lines += ["## Front end alone (null engine)", "", *null_table(results)]
+    lines += ["![throughput](throughput.png)", "", "![mixed](mixed_latency.png)", ""]
+    return "\n".join(lines)
+
+
+def write(results: Row, out: Path) -> None:
+    (out / "report.md").write_text(markdown(results), "utf-8")
+    plot_throughput(results, out / "throughput.png")
+    plot_mixed(results, out / "mixed_latency.png")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    out = Path((argv or sys.argv[1:])[0])
+    write(json.loads((out / "result.json").read_text("utf-8")), out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

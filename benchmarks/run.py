@@ -1,0 +1,294 @@
+"""`make bench`: every scenario, side by side, in one run, on one model and one corpus.
+
+1. engine ceiling (benchmarks/ceiling.py, a process of its own);
+2. the service, and 3. vLLM's own OpenAI server, under the same loads:
+   single-text unary calls at each concurrency, 32-text calls, bulk (the service: one
+   EmbedStream over the corpus; vLLM: concurrent 64-text requests), and the mix (unary
+   query latency idle, then while a bulk load saturates the engine);
+4. the serving path's CPU seconds per 1,000 texts, measured on every point above;
+5. the null-engine front end (benchmarks/null_engine.py), with tracing off and on.
+
+Writes result.json, report.md and PNG plots into --out. Engine settings come from the
+service's own flags after `--`, for example:
+
+    python -m benchmarks.run --out benchmarks/results/cpu -- --max-batch-tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import load, report
+from benchmarks.corpus import Corpus, build
+from benchmarks.measure import Point, cpu_seconds
+from benchmarks.servers import Server, start_service, start_vllm_server
+from service.config import ServiceConfig, load_config
+from service.server import served_name
+
+LOADS = ("unary", "batch32", "bulk", "mixed")
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float  # per measured point
+    concurrencies: tuple[int, ...]
+    mix_callers: int  # unary callers measuring latency in the mix
+    http_bulk_workers: int  # vLLM's bulk load: concurrent 64-text requests
+    stream_limit: int  # texts per stream run (0: the whole corpus)
+    loads: frozenset[str]  # which of LOADS to run against the servers
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        return cls(
+            seconds=args.seconds,
+            concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+            mix_callers=args.mix_callers,
+            http_bulk_workers=args.http_bulk_workers,
+            stream_limit=args.stream_limit,
+            loads=frozenset(args.loads.split(",")),
+        )
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+async def _timed(server: Server, job: Awaitable[Point]) -> Point:
+    """Run `job` and charge it the serving process's CPU time meanwhile."""
+    before = cpu_seconds(server.pid)
+    point = await job
+    point.cpu_s = cpu_seconds(server.pid) - before
+    return point
+
+
+def _log(message: str) -> None:
+    print(f"[{datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+def _summary(name: str, p: Point) -> str:
+    lat = f" p50 {p.percentile_ms(50):.1f} p99 {p.percentile_ms(99):.1f} ms" if p.latencies else ""
+    err = f" ({p.errors} errors)" if p.errors else ""
+    return f"{name}: {p.docs_per_s:.1f} docs/s{lat}{err}"
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def run_ceiling(kind: str, plan: Plan, service_args: list[str], out: Path) -> dict[str, Any]:
+    target = out / f"ceiling-{kind}.json"
+    argv = [sys.executable, "-m", "benchmarks.ceiling", "--corpus", str(out / "corpus.json")]
+    argv += ["--kind", kind]
+    argv += ["--seconds", str(plan.seconds), "--json", str(target), *service_args]
+    with open(out / "logs" / f"ceiling-{kind}.log", "wb") as log:
+        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True)
+    result: dict[str, Any] = json.loads(target.read_text("utf-8"))
+    target.unlink()
+    _log(f"ceiling {kind}: {result['docs_per_s']} docs/s")
+    return result
+
+
+async def run_server(
+    server: Server,
+    *,
+    client: load.Client,
+    bulk: Callable[[], AsyncIterator[None]],
+    stream: Callable[[Sequence[str]], Awaitable[Point]],
+    corpus: Corpus,
+    plan: Plan,
+) -> dict[str, Any]:
+    """The shared load plan, against either server."""
+    results: dict[str, Any] = {"unary": {}, "batch32": {}, "bulk": {}, "mixed": {}}
+    # Connections up, first-call costs paid, caches warm.
+    short = corpus.kinds[corpus.short]
+    await load.closed_loop(client, short, batch=1, concurrency=16, seconds=3, cycle=True)
+
+    for kind, texts in corpus.kinds.items():
+        for c in plan.concurrencies if "unary" in plan.loads else ():
+            job = load.closed_loop(client, texts, batch=1, concurrency=c, seconds=plan.seconds)
+            p = await _timed(server, job)
+            _log(_summary(f"{server.name} unary {kind} c={c}", p))
+            results["unary"].setdefault(kind, {})[str(c)] = p.to_json()
+        if "batch32" in plan.loads:
+            job = load.closed_loop(client, texts, batch=32, concurrency=4, seconds=plan.seconds)
+            p = await _timed(server, job)
+            _log(_summary(f"{server.name} 32-text calls {kind}", p))
+            results["batch32"][kind] = p.to_json()
+        if "bulk" in plan.loads:
+            stream_texts = texts[: plan.stream_limit] if plan.stream_limit else texts
+            p = await _timed(server, stream(stream_texts))
+            _log(_summary(f"{server.name} bulk {kind} ({len(stream_texts)} texts)", p))
+            results["bulk"][kind] = p.to_json()
+
+    mixes = (("idle", None), ("loaded", bulk())) if "mixed" in plan.loads else ()
+    for label, background in mixes:
+        mix = load.mixed(
+            client,
+            short,
+            background,
+            concurrency=plan.mix_callers,
+            seconds=plan.seconds,
+            ramp_s=3.0,
+        )
+        p = await _timed(server, mix)
+        _log(_summary(f"{server.name} mixed, unary queries {label}", p))
+        results["mixed"][label] = p.to_json()
+    return results
+
+
+async def run_service(
+    service_args: list[str], corpus: Corpus, plan: Plan, out: Path
+) -> dict[str, Any]:
+    server = await start_service(service_args, out / "logs" / "service.log")
+    client = load.GrpcClient(server.port)
+    try:
+
+        async def whole_stream(texts: Sequence[str]) -> Point:
+            return await load.stream(client.stub, texts)
+
+        return await run_server(
+            server,
+            client=client,
+            bulk=lambda: load.grpc_bulk(server.port, corpus.kinds[corpus.long]),
+            stream=whole_stream,
+            corpus=corpus,
+            plan=plan,
+        )
+    finally:
+        await client.close()
+        server.stop()
+
+
+async def run_vllm(config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path) -> dict[str, Any]:
+    server = await start_vllm_server(config, out / "logs" / "vllm.log")
+    connections = max(plan.concurrencies) + plan.http_bulk_workers + plan.mix_callers
+    client = load.HttpClient(server.port, served_name(config), connections)
+    try:
+
+        async def batched(texts: Sequence[str]) -> Point:
+            # No stream in the OpenAI API: its bulk form is concurrent batched requests.
+            return await load.closed_loop(
+                client, texts, batch=64, concurrency=plan.http_bulk_workers, seconds=1e9
+            )
+
+        return await run_server(
+            server,
+            client=client,
+            bulk=lambda: load.http_bulk(
+                server.port,
+                served_name(config),
+                corpus.kinds[corpus.long],
+                batch=64,
+                workers=plan.http_bulk_workers,
+            ),
+            stream=batched,
+            corpus=corpus,
+            plan=plan,
+        )
+    finally:
+        await client.close()
+        server.stop()
+
+
+def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
+    target = out / "null-engine.json"
+    argv = [sys.executable, "-m", "benchmarks.null_engine", "--json", str(target)]
+    argv += ["--seconds", str(plan.seconds)]
+    with open(out / "logs" / "null-engine.log", "wb") as log:
+        subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, check=True)
+    result: dict[str, Any] = json.loads(target.read_text("utf-8"))
+    target.unlink()
+    return result
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def _meta(
+    config: ServiceConfig, corpus: Corpus, plan: Plan, service_args: list[str]
+) -> dict[str, Any]:
+
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
+        "model": served_name(config),
+        "service_args": service_args,
+        "engine": {
+            "max_num_batched_tokens": max(config.max_batch_tokens, config.max_model_len),
+            "max_num_seqs": config.max_batch_items,
+            "dtype": config.dtype,
+            "enforce_eager": config.enforce_eager,
+            "prefix_caching": config.prefix_caching,
+        },
+        "corpus": {
+            kind: {"texts": len(texts), "chars": sum(map(len, texts))}
+            for kind, texts in corpus.kinds.items()
+        },
+        "plan": plan.__dict__ | {"loads": sorted(plan.loads)},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest"))
+    parser.add_argument("--corpus", type=Path, help="a corpus JSON file (default: built here)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="measured time per point")
+    parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument("--mix-callers", type=int, default=2)
+    parser.add_argument("--http-bulk-workers", type=int, default=4)
+    parser.add_argument(
+        "--loads", default=",".join(LOADS), help="comma-separated: " + ",".join(LOADS)
+    )
+    parser.add_argument("--stream-limit", type=int, default=0, help="0: the whole corpus")
+    parser.add_argument(
+        "--only", default="ceiling,service,vllm,null", help="comma-separated scenarios"
+    )
+    args, service_args = parser.parse_known_args(argv)
+    # Every load starts at the corpus's first text: cached prefixes would measure the cache.
+    service_args = ["--prefix-caching", "false", *(a for a in service_args if a != "--")]
+    config = load_config(service_args)
+    plan = Plan.from_args(args)
+    only = set(args.only.split(","))
+    out: Path = args.out
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    corpus = Corpus.load(args.corpus) if args.corpus else build()
+    corpus.save(out / "corpus.json")
+    results: dict[str, Any] = {"meta": _meta(config, corpus, plan, service_args)}
+    scenarios: dict[str, Callable[[], Any]] = {
+        "ceiling": lambda: {k: run_ceiling(k, plan, service_args, out) for k in corpus.kinds},
+        "service": lambda: asyncio.run(run_service(service_args, corpus, plan, out)),
+        "vllm": lambda: asyncio.run(run_vllm(config, corpus, plan, out)),
+        "null": lambda: run_null_engine(plan, out),
+    }
+    began = time.monotonic()
+    failed = []
+    for name, scenario in scenarios.items():
+        if name not in only:
+            continue
+        _log(f"scenario {name}")
+        try:
+            results["null_engine" if name == "null" else name] = scenario()
+        except Exception as exc:  # one failed scenario must not lose the others' results
+            _log(f"scenario {name} failed: {exc!r}; logs in {out / 'logs'}")
+            results.setdefault("failed", {})[name] = repr(exc)
+            failed.append(name)
+        results["meta"]["wall_s"] = round(time.monotonic() - began, 1)
+        (out / "result.json").write_text(json.dumps(results, indent=2) + "\n", "utf-8")
+    report.write(results, out)
+    _log(f"wrote {out}/result.json, report.md and plots")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Start and stop the two servers under test, each in a process of its own.
+
+- the service: `python -m service`, with the engine settings of the run's ServiceConfig;
+- vLLM's own OpenAI-compatible server: `python -m vllm.entrypoints.openai.api_server`, with
+  the same model and the same engine settings, translated flag by flag.
+
+Both spawn vLLM's engine-core process as a child. The pid kept is the serving process's
+own, whose CPU time is the cost of the serving path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import ServiceConfig
+from service.engines.vllm_engine import _resolve_dtype
+from service.model_card import resolve_model_path
+from service.server import served_name
+
+START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawn(name: str, argv: list[str], port: int, log: Path) -> Server:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+        )
+    return Server(name, process, port, log)
+
+
+async def _until_ready(server: Server, probe: Callable[[], Awaitable[bool]]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"{server.name} exited with {server.process.returncode}; see {server.log}"
+            )
+        try:
+            if await probe():
+                return
+        except (OSError, aiohttp.ClientError, grpc.aio.AioRpcError):
+            pass
+        await asyncio.sleep(1.0)
+    server.stop()
+    raise TimeoutError(f"{server.name} not ready after {START_TIMEOUT_S:.0f}s; see {server.log}")
+
+
+async def start_service(service_args: list[str], log: Path) -> Server:
+    """The service on a free loopback port, ready once its health says SERVING."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "service", *service_args,
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--health-port", "0",
+    ]  # fmt: skip
+    server = _spawn("service", argv, port, log)
+
+    async def probe() -> bool:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService"), timeout=2
+            )
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    await _until_ready(server, probe)
+    return server
+
+
+def vllm_server_args(config: ServiceConfig) -> list[str]:
+    """vLLM's server flags for the engine settings the service derives from `config`."""
+    return [
+        "--model", str(resolve_model_path(config.model)),
+        "--served-model-name", served_name(config),
+        "--runner", "pooling",
+        "--dtype", _resolve_dtype(config.dtype),
+        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
+        "--max-num-batched-tokens", str(max(config.max_batch_tokens, config.max_model_len)),
+        "--max-num-seqs", str(config.max_batch_items),
+        *(["--max-model-len", str(config.max_model_len)] if config.max_model_len else []),
+        "--enforce-eager" if config.enforce_eager else "--no-enforce-eager",
+        *([] if config.prefix_caching else ["--no-enable-prefix-caching"]),
+        "--disable-uvicorn-access-log",
+        "--disable-log-stats",
+    ]  # fmt: skip
+
+
+async def start_vllm_server(config: ServiceConfig, log: Path) -> Server:
+    """vLLM's OpenAI server on a free loopback port, ready once /health answers 200."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        *vllm_server_args(config), "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    server = _spawn("vllm", argv, port, log)
+
+    async def probe() -> bool:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/health") as reply,
+        ):
+            return reply.status == 200
+
+    await _until_ready(server, probe)
+    return server
