@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.corpus import Corpus, build
-from benchmarks.measure import Point
+from benchmarks.measure import Point, cpu_seconds
 from service.config import ServiceConfig, load_config
 from service.model_card import resolve_model_path
 from service.server import load_vllm_engine, served_name
@@ -41,6 +42,7 @@ async def _drive(config: ServiceConfig, kind: str, texts: Sequence[str], seconds
         pending: set[asyncio.Task[object]] = set()
         sizes: dict[asyncio.Task[object], tuple[int, int]] = {}
         done_texts = done_tokens = 0
+        cpu_before = cpu_seconds(os.getpid())
         began = time.perf_counter()
         for batch in batches:
             if time.perf_counter() - began > seconds:
@@ -59,9 +61,12 @@ async def _drive(config: ServiceConfig, kind: str, texts: Sequence[str], seconds
             done_texts += sizes[task][0]
             done_tokens += sizes[task][1]
         elapsed = time.perf_counter() - began
+        # This process is the engine's client alone (AsyncLLM, no server, nothing to
+        # tokenize): the CPU any front end on this engine pays at least.
+        cpu_s = cpu_seconds(os.getpid()) - cpu_before
     finally:
         await engine.close()
-    return Point(texts=done_texts, tokens=done_tokens, seconds=elapsed)
+    return Point(texts=done_texts, tokens=done_tokens, seconds=elapsed, cpu_s=cpu_s)
 
 
 def _token_batches(

@@ -83,26 +83,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tokenizers.processors import TemplateProcessing
+from tokenizers import Tokenizer
 
 from benchmarks.corpus import Corpus, build
+from tests.models.qwen3_files import (
+    eos_id,
+    train_tokenizer,
+    write_json,
+    write_sentence_transformers_files,
+    write_tokenizer_files,
+)
 
 PEAK_FLOPS = 989e12  # H200 SXM, dense bf16 tensor cores
 SEED = 1234
 BPE_VOCAB = 8192  # merges trained on the corpus; the model's embedding table is far larger
 PREFIX_BLOCK = 16  # vLLM's KV block on GPU: texts must differ within their first block
-
-EOS_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
-QUERY_PROMPT = (
-    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
-)
-# Qwen2/Qwen3's pre-tokenizer split (the pattern in their tokenizer.json).
-_QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 Json = dict[str, Any]
 
@@ -204,44 +199,6 @@ def roofline_docs_per_s(config: Json, tokens: float) -> float:
 
 
 # ---------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts: Sequence[str]) -> Tokenizer:
-    """Byte-level BPE as Qwen's, with EOS appended by the post-processor; specials last."""
-    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: nothing unknown
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    eos_id = tokenizer.get_vocab_size()
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.post_processor = TemplateProcessing(
-        single=f"$A:0 {EOS_TOKEN}:0",
-        pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
-        special_tokens=[(EOS_TOKEN, eos_id)],
-    )
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def eos_id(tokenizer: Tokenizer) -> int:
-    found = tokenizer.token_to_id(EOS_TOKEN)
-    if found is None:
-        raise ValueError(f"tokenizer has no {EOS_TOKEN}")
-    return int(found)
 
 
 # ------------------------------------------------------------------------------- corpus
@@ -416,11 +373,6 @@ def write_weights(config: Json, path: str) -> str:
     return device
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
-
-
 def write_model(target: Path, config: Json, tokenizer: Tokenizer) -> None:
     """A model folder; the weights are kept when a folder with the same config exists."""
     target.mkdir(parents=True, exist_ok=True)
@@ -435,84 +387,13 @@ def write_model(target: Path, config: Json, tokenizer: Tokenizer) -> None:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
             device = pool.submit(write_weights, config, str(partial)).result()
         partial.replace(target / "model.safetensors")
-        _write_json(marker, config)
+        write_json(marker, config)
         size = (target / "model.safetensors").stat().st_size / 1e9
         took = time.monotonic() - began
         _log(f"{target.name}: {size:.2f} GB of weights made on {device} in {took:.0f} s")
-    _write_json(target / "config.json", config)
-    _write_tokenizer_files(target, tokenizer, int(config["max_position_embeddings"]))
-    _write_sentence_transformers_files(target, int(config["hidden_size"]))
-
-
-def _write_tokenizer_files(target: Path, tokenizer: Tokenizer, max_len: int) -> None:
-    tokenizer.save(str(target / "tokenizer.json"))
-    first = eos_id(tokenizer)
-    added = {
-        str(first + i): {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, token in enumerate(SPECIAL_TOKENS)
-    }
-    _write_json(
-        target / "tokenizer_config.json",
-        {
-            "added_tokens_decoder": added,
-            "bos_token": None,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": EOS_TOKEN,
-            "model_max_length": max_len,
-            "pad_token": EOS_TOKEN,
-            "padding_side": "left",
-            "split_special_tokens": False,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "unk_token": None,
-        },
-    )
-    _write_json(
-        target / "special_tokens_map.json", {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
-    )
-
-
-def _write_sentence_transformers_files(target: Path, hidden: int) -> None:
-    modules = [
-        ("", "Transformer"),
-        ("1_Pooling", "Pooling"),
-        ("2_Normalize", "Normalize"),
-    ]
-    _write_json(
-        target / "modules.json",
-        [
-            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{t}"}
-            for i, (path, t) in enumerate(modules)
-        ],
-    )
-    pooling = {
-        "word_embedding_dimension": hidden,
-        "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": True,
-        "include_prompt": True,
-    }
-    _write_json(target / "1_Pooling" / "config.json", pooling)
-    _write_json(
-        target / "config_sentence_transformers.json",
-        {
-            "prompts": {"query": QUERY_PROMPT, "document": ""},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
-    _write_json(
-        target / "sentence_bert_config.json", {"max_seq_length": 8192, "do_lower_case": False}
-    )
+    write_json(target / "config.json", config)
+    write_tokenizer_files(target, tokenizer, int(config["max_position_embeddings"]))
+    write_sentence_transformers_files(target, int(config["hidden_size"]), 8192)
 
 
 # ------------------------------------------------------------------------------ running
@@ -738,7 +619,7 @@ def summary_markdown(summary: Json) -> str:
 
 def write_summary(out: Path, export: Path | None) -> Json:
     summary = summarize(out)
-    _write_json(out / "gpu-summary.json", summary)
+    write_json(out / "gpu-summary.json", summary)
     text = summary_markdown(summary)
     (out / "gpu-summary.md").write_text(text, "utf-8")
     print(text, flush=True)
@@ -791,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # One tokenizer and one corpus for every model, so every model sees the same token ids.
     began = time.monotonic()
     paragraphs = build(paragraphs=10**6, queries=0).kinds["paragraphs"]
-    tokenizer = train_tokenizer(paragraphs)
+    tokenizer = train_tokenizer(paragraphs, BPE_VOCAB)
     corpus, corpus_stats = make_corpus(tokenizer, paragraphs, profile.texts)
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpus_path = args.workdir / "corpus.json"
@@ -812,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results.mkdir(parents=True, exist_ok=True)
         (results / "result.json").unlink(missing_ok=True)  # no stale result after a failure
         info: Json = {"model": name, "config": config, "corpus": corpus_stats}
-        _write_json(results / "gpu-model.json", info)
+        write_json(results / "gpu-model.json", info)
         run_args = {
             "seconds": seconds,
             "concurrency": args.concurrency or profile.concurrency,
@@ -825,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results, model_dir, corpus_path, [*profile.service_flags, *extra], run_args
         )
         _log(f"{name}: benchmarks.run exited {code} after {time.monotonic() - started:.0f} s")
-        _write_json(results / "gpu-model.json", info | {"returncode": code})
+        write_json(results / "gpu-model.json", info | {"returncode": code})
         failed += code != 0
     write_summary(out, args.export)
     return 1 if failed else 0

@@ -43,7 +43,7 @@ _LATENCY_EWMA_WEIGHT = 0.2
 # An INTERACTIVE item within this many seconds means unary callers are live, and BULK
 # batches shrink to the interactive step budget (BatcherLimits.interactive_step_s). Longer
 # than one slow call, so a caller that waited behind a full-size batch keeps the cap on.
-_INTERACTIVE_LIVE_S = 5.0
+_INTERACTIVE_LIVE_S = 2.0
 # Cancelled items stay in their deque until the actor reaches them (removing from the middle
 # of a deque is O(n)); compact once they outnumber the live ones so memory stays bounded.
 _MIN_DEAD_BEFORE_COMPACT = 64

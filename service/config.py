@@ -67,7 +67,11 @@ class ServiceConfig:
     # Batching and admission
     max_batch_tokens: int = _opt(4096, "token budget of one engine batch")
     max_batch_items: int = _opt(64, "items in one engine batch")
-    max_wait_ms: float = _opt(2.0, "how long a partial batch waits for more items")
+    max_wait_ms: float = _opt(
+        0.0,
+        "how long a partial batch waits for more items while the engine has room; 0: none"
+        " (items that arrive while the engine is full batch up on their own)",
+    )
     max_inflight_batches: int = _opt(2, "batches handed to the engine at once")
     max_queue_tokens: int = _opt(262144, "bound on queued tokens")
     max_queue_items: int = _opt(8192, "bound on queued items")

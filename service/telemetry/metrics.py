@@ -29,7 +29,7 @@ CALL_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
-# Seconds an item waits in the queue: max_wait_ms (2 ms) when idle, batches' worth when busy.
+# Seconds an item waits in the queue: about nothing when idle, batches' worth when busy.
 QUEUE_WAIT_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip

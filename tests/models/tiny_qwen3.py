@@ -22,16 +22,18 @@ It takes a few seconds, most of it importing torch and transformers.
 from __future__ import annotations
 
 import ast
-import json
 import pathlib
 import sysconfig
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from tokenizers.processors import TemplateProcessing
+from tests.models.qwen3_files import (
+    SPECIAL_TOKENS,
+    train_tokenizer,
+    write_json,
+    write_sentence_transformers_files,
+    write_tokenizer_files,
+)
 
-EOS_TOKEN = "<|endoftext|>"
-SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 1000
 MAX_POSITIONS = 128
 HIDDEN_SIZE = 128
@@ -40,16 +42,6 @@ SEED = 1234
 # The special tokens are appended after the BPE vocabulary, like Qwen's (151643 = EOS there).
 BPE_VOCAB_SIZE = VOCAB_SIZE - len(SPECIAL_TOKENS)
 EOS_TOKEN_ID = BPE_VOCAB_SIZE
-
-QUERY_PROMPT = (
-    "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
-)
-
-# Qwen2/Qwen3's pre-tokenizer split, copied from their tokenizer.json.
-_QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # Real English prose that every CPython 3.11 install has on disk: the licence text and the
 # docstrings of these modules. A fixed list in a fixed order keeps the training input stable.
@@ -116,16 +108,11 @@ def build_tiny_qwen3(target: pathlib.Path) -> pathlib.Path:
     """Write the tiny model folder into ``target`` (created if needed) and return it."""
     target = pathlib.Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    _write_json(target / "config.json", _CONFIG)
+    write_json(target / "config.json", _CONFIG)
     _write_weights(target / "model.safetensors")
-    _write_tokenizer(target)
-    _write_sentence_transformers_files(target)
+    write_tokenizer_files(target, train_tokenizer(_corpus(), BPE_VOCAB_SIZE), MAX_POSITIONS)
+    write_sentence_transformers_files(target, HIDDEN_SIZE, MAX_POSITIONS)
     return target
-
-
-def _write_json(path: pathlib.Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _write_weights(path: pathlib.Path) -> None:
@@ -165,124 +152,3 @@ def _corpus() -> list[str]:
                 if doc:
                     texts.append(doc)
     return texts
-
-
-def _train_tokenizer() -> Tokenizer:
-    tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-        ]
-    )
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[],
-        # All 256 byte symbols, so any text can be encoded and nothing is ever unknown.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    if tokenizer.get_vocab_size() != BPE_VOCAB_SIZE:
-        raise RuntimeError(f"BPE vocabulary is {tokenizer.get_vocab_size()}, not {BPE_VOCAB_SIZE}")
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    if tokenizer.token_to_id(EOS_TOKEN) != EOS_TOKEN_ID:
-        raise RuntimeError(f"{EOS_TOKEN} got id {tokenizer.token_to_id(EOS_TOKEN)}")
-    # Qwen3-Embedding's tokenizer appends EOS to every sequence; the model pools on it.
-    tokenizer.post_processor = TemplateProcessing(
-        single=f"$A:0 {EOS_TOKEN}:0",
-        pair=f"$A:0 {EOS_TOKEN}:0 $B:1 {EOS_TOKEN}:1",
-        special_tokens=[(EOS_TOKEN, EOS_TOKEN_ID)],
-    )
-    # The service truncates and pads on its own; the tokenizer must not do it behind its back.
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def _write_tokenizer(target: pathlib.Path) -> None:
-    _train_tokenizer().save(str(target / "tokenizer.json"), pretty=True)
-    added_tokens = {
-        str(EOS_TOKEN_ID + i): {
-            "content": token,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for i, token in enumerate(SPECIAL_TOKENS)
-    }
-    _write_json(
-        target / "tokenizer_config.json",
-        {
-            "added_tokens_decoder": added_tokens,
-            "bos_token": None,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": EOS_TOKEN,
-            "model_max_length": MAX_POSITIONS,
-            "pad_token": EOS_TOKEN,
-            "padding_side": "left",  # as Qwen3-Embedding: the last position is always the EOS
-            "split_special_tokens": False,
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "unk_token": None,
-        },
-    )
-    _write_json(
-        target / "special_tokens_map.json",
-        {"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN},
-    )
-
-
-def _write_sentence_transformers_files(target: pathlib.Path) -> None:
-    _write_json(
-        target / "modules.json",
-        [
-            {
-                "idx": 0,
-                "name": "0",
-                "path": "",
-                "type": "sentence_transformers.models.Transformer",
-            },
-            {
-                "idx": 1,
-                "name": "1",
-                "path": "1_Pooling",
-                "type": "sentence_transformers.models.Pooling",
-            },
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            },
-        ],
-    )
-    _write_json(
-        target / "1_Pooling" / "config.json",
-        {
-            "word_embedding_dimension": HIDDEN_SIZE,
-            "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": False,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-            "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": True,
-            "include_prompt": True,
-        },
-    )
-    _write_json(
-        target / "config_sentence_transformers.json",
-        {
-            "prompts": {"query": QUERY_PROMPT, "document": ""},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine",
-        },
-    )
-    _write_json(
-        target / "sentence_bert_config.json",
-        {"max_seq_length": MAX_POSITIONS, "do_lower_case": False},
-    )
