@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -54,9 +55,14 @@ class Corpus:
 
 
 def _descriptions() -> list[tuple[str, str]]:
-    """(distribution name, long description) for every installed distribution, sorted."""
+    """(distribution name, long description) for every installed distribution, sorted.
+
+    Only site-packages is searched: what else is on sys.path depends on what was imported
+    before (setuptools puts its vendored packages there), and the corpus must not.
+    """
     found: dict[str, str] = {}
-    for dist in metadata.distributions():
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    for dist in metadata.distributions(path=site):
         name = (dist.metadata["Name"] or "").lower()
         text = dist.read_text("METADATA") or ""
         # The long description follows the headers, after the first blank line.
