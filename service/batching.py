@@ -44,6 +44,11 @@ _LATENCY_EWMA_WEIGHT = 0.2
 # batches shrink to the interactive step budget (BatcherLimits.interactive_step_s). Longer
 # than one slow call, so a caller that waited behind a full-size batch keeps the cap on.
 _INTERACTIVE_LIVE_S = 2.0
+# Unary calls arrive one by one, so their batches are small; they may go to the engine past
+# max_inflight_batches (up to this many times as many batches) as long as the engine holds
+# less than max_inflight_batches full batches' worth of tokens. Counting each small batch as
+# a full slot would keep the rest waiting here while vLLM runs half-empty steps.
+_INTERACTIVE_INFLIGHT_FACTOR = 8
 # Cancelled items stay in their deque until the actor reaches them (removing from the middle
 # of a deque is O(n)); compact once they outnumber the live ones so memory stays bounded.
 _MIN_DEAD_BEFORE_COMPACT = 64
@@ -157,6 +162,7 @@ class _Batch:
     items: list[_Item]
     dispatched_at: float
     open_items: int  # items whose caller still waits; at 0 the engine work is pointless
+    tokens: int = 0
     task: asyncio.Task[None] | None = None
     finished: bool = False
     observed: object | None = None  # BatchObserver.dispatched's handle
@@ -230,6 +236,7 @@ class Batcher:
         self._dead = 0  # released items still sitting in a deque
         self._waiters: dict[Priority, deque[_Waiter]] = {p: deque() for p in Priority}
         self._inflight: set[_Batch] = set()
+        self._inflight_tokens = 0
         self._wakeup = asyncio.Event()  # "state changed": the actor re-evaluates
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -582,18 +589,28 @@ class Batcher:
             if batch:
                 self._dispatch(batch, now)
 
+    def _engine_has_room(self, priority: Priority) -> bool:
+        """Whether a batch of `priority` items may go to the engine now."""
+        limits = self._limits
+        if len(self._inflight) < limits.max_inflight_batches:
+            return True
+        return (
+            priority is Priority.INTERACTIVE
+            and len(self._inflight) < _INTERACTIVE_INFLIGHT_FACTOR * limits.max_inflight_batches
+            and self._inflight_tokens < limits.max_inflight_batches * limits.max_batch_tokens
+        )
+
     def _hold_for(self, now: float) -> float | None:
         """None: nothing to do until woken. 0: dispatch now. >0: wait this long for more items."""
-        if len(self._inflight) >= self._limits.max_inflight_batches:
-            return None
-        heads = [h for q in self._queues.values() if (h := self._live_head(q, now)) is not None]
+        ready = [p for p in Priority if self._engine_has_room(p)]
+        heads = [h for p in ready if (h := self._live_head(self._queues[p], now)) is not None]
         if not heads:
             return None
         limits = self._limits
         # Queued totals are what the next batch draws from, so they tell whether it is full.
         if (
-            self.queued_items >= limits.max_batch_items
-            or self.queued_tokens >= limits.max_batch_tokens
+            sum(self._items[p] for p in ready) >= limits.max_batch_items
+            or sum(self._tokens[p] for p in ready) >= limits.max_batch_tokens
         ):
             return 0.0
         oldest = min(h.enqueued_at for h in heads)
@@ -619,6 +636,8 @@ class Batcher:
         batch: list[_Item] = []
         tokens = 0
         for priority in Priority:
+            if not self._engine_has_room(priority):
+                continue
             budget = self._token_budget(priority, now)
             queue = self._queues[priority]
             while (item := self._live_head(queue, now)) is not None:
@@ -647,13 +666,16 @@ class Batcher:
         return min(full, max(1, int(self._tokens_per_s * step_s)))
 
     def _dispatch(self, items: list[_Item], now: float) -> None:
-        batch = _Batch(items, dispatched_at=now, open_items=len(items))
+        batch = _Batch(
+            items, dispatched_at=now, open_items=len(items), tokens=sum(i.n_tokens for i in items)
+        )
         for item in items:
             item.batch = batch
         if self._observer is not None:
             batch.observed = self._observer.dispatched(items, now)
         batch.task = asyncio.create_task(self._run_batch(batch))
         self._inflight.add(batch)
+        self._inflight_tokens += batch.tokens
 
     async def _run_batch(self, batch: _Batch) -> None:
         error: BaseException | None = None
@@ -676,7 +698,9 @@ class Batcher:
                     item.future.set_exception(exc)
         finally:
             batch.finished = True
-            self._inflight.discard(batch)
+            if batch in self._inflight:
+                self._inflight.discard(batch)
+                self._inflight_tokens -= batch.tokens
             self._wakeup.set()  # a slot is free
             if self._observer is not None:
                 engine_s = self._clock() - batch.dispatched_at

@@ -95,6 +95,8 @@ class VllmEngine:
             skip_tokenizer_init=True,
             # Sequences of a batch with unary calls in it overtake queued stream sequences.
             scheduling_policy="priority",
+            # The service has its own metrics; vLLM's stat loggers cost CPU on every step.
+            disable_log_stats=True,
         )
         llm = AsyncLLM.from_engine_args(args)
         cfg = llm.model_config

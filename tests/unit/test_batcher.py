@@ -58,6 +58,7 @@ class FakeEngine:
         self.max_active = 0
         self.cancelled = 0
         self.priorities: list[int] = []
+        self.max_active_at_bulk_start = 0  # batches running when a BULK-only batch started
 
     @property
     def info(self) -> EngineInfo:
@@ -77,6 +78,8 @@ class FakeEngine:
         self.priorities.append(priority)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
+        if priority == Priority.BULK:
+            self.max_active_at_bulk_start = max(self.max_active_at_bulk_start, self.active)
         try:
             for _ in range(self.yields[call % len(self.yields)]):
                 await asyncio.sleep(0)
@@ -118,6 +121,10 @@ async def wait_until(cond: Callable[[], bool], spins: int = 2000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition never became true")
+
+
+def active_is(engine: FakeEngine, n: int) -> Callable[[], bool]:
+    return lambda: engine.active == n
 
 
 def ids(tag: int, n: int) -> list[int]:
@@ -209,7 +216,9 @@ async def run_scenario(
     for batch_tags in firsts(engine):
         prios = [priority_of[t] for t in batch_tags]
         assert prios == sorted(prios)
-    assert engine.max_active <= limits.max_inflight_batches
+    # Stream work never exceeds the in-flight limit; unary batches may, up to a bound.
+    assert engine.max_active_at_bulk_start <= limits.max_inflight_batches
+    assert engine.max_active <= 8 * limits.max_inflight_batches
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -230,7 +239,8 @@ async def test_interactive_goes_before_earlier_bulk_when_engine_busy() -> None:
     limits = replace(LIMITS, max_batch_items=3, max_inflight_batches=1)
     async with running(engine, limits) as batcher:
         engine.hold()
-        first = batcher.submit([ids(1, 1)], Priority.BULK)
+        # A full batch's worth of tokens in flight: no room even for unary items.
+        first = batcher.submit([ids(1, 100)], Priority.BULK)
         await wait_until(lambda: engine.active == 1)
         bulk = batcher.submit([ids(2, 1), ids(3, 1), ids(4, 1)], Priority.BULK)
         interactive = batcher.submit([ids(5, 1), ids(6, 1)], Priority.INTERACTIVE)
@@ -331,7 +341,7 @@ async def test_engine_is_told_which_batches_carry_unary_calls() -> None:
     limits = replace(LIMITS, max_batch_items=2, max_inflight_batches=1)
     async with running(engine, limits) as batcher:
         engine.hold()
-        futures = batcher.submit([ids(1, 1), ids(2, 1)], Priority.BULK)
+        futures = batcher.submit([ids(1, 50), ids(2, 50)], Priority.BULK)  # a full budget
         await wait_until(lambda: engine.active == 1)
         futures += batcher.submit([ids(3, 1)], Priority.BULK)
         futures += batcher.submit([ids(4, 1)], Priority.INTERACTIVE)
@@ -356,7 +366,7 @@ async def test_bulk_batches_shrink_to_the_step_budget_while_unary_calls_are_live
         await results(first)
 
         engine.hold()
-        blocker = batcher.submit([ids(10, 10)], Priority.BULK)
+        blocker = batcher.submit([ids(10, 100)], Priority.BULK)  # no room for unary items
         await wait_until(lambda: engine.active == 1)
         unary = batcher.submit([ids(20, 4)], Priority.INTERACTIVE)
         bulk = batcher.submit([ids(t, 4) for t in range(30, 36)], Priority.BULK)
@@ -389,6 +399,40 @@ async def test_no_step_budget_without_unary_traffic() -> None:
         await results(first)
         await results(batcher.submit([ids(t, 10) for t in range(10, 18)], Priority.BULK))
     assert firsts(engine) == [list(range(1, 9)), list(range(10, 18))]
+
+
+async def test_small_unary_batches_do_not_use_up_the_engine_slots() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_inflight_batches=2)  # room for 2 x 100 tokens in flight
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        futures = []
+        for tag in range(1, 6):  # single-item calls, one after the other
+            futures += batcher.submit([ids(tag, 10)], Priority.INTERACTIVE)
+            await wait_until(active_is(engine, tag))
+        bulk = batcher.submit([ids(9, 10)], Priority.BULK)
+        await spin()
+        assert engine.active == 5  # the stream item waits for one of two slots
+        engine.release()
+        await results([*futures, *bulk])
+    assert firsts(engine) == [[1], [2], [3], [4], [5], [9]]
+
+
+async def test_unary_batches_stop_at_the_in_flight_token_budget() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_inflight_batches=1)  # 100 tokens in flight
+    async with running(engine, limits) as batcher:
+        engine.hold()
+        futures = batcher.submit([ids(1, 60)], Priority.INTERACTIVE)
+        await wait_until(lambda: engine.active == 1)
+        futures += batcher.submit([ids(2, 40)], Priority.INTERACTIVE)
+        await wait_until(lambda: engine.active == 2)  # 60 in flight < 100: goes
+        futures += batcher.submit([ids(3, 30)], Priority.INTERACTIVE)
+        await spin()
+        assert engine.active == 2  # 100 in flight: it waits
+        engine.release()
+        await results(futures)
+    assert firsts(engine) == [[1], [2], [3]]
 
 
 # ----------------------------------------------------------------------------- pipelining

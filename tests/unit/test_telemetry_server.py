@@ -75,6 +75,13 @@ class GatedEngine:
         return None
 
 
+# A whole batch budget (128 tokens) in one call: with it in the engine, later unary calls
+# must queue instead of going to the engine beside it.
+FULL_BATCH = pb.EmbedRequest(
+    inputs=["word " * 300], options=pb.EmbedOptions(truncate=pb.TRUNCATE_END)
+)
+
+
 @dataclass
 class Harness:
     server: EmbeddingServer
@@ -227,9 +234,9 @@ async def test_embed_span_tree_follows_the_caller_trace(make: Maker) -> None:
 
 
 async def test_batch_span_links_two_concurrent_calls(make: Maker) -> None:
-    h = await make(max_inflight_batches=1, max_wait_ms=0)
+    h = await make(max_inflight_batches=1, max_wait_ms=0, max_batch_tokens=128)
     h.engine.gate.clear()
-    blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["first"]), timeout=10))
+    blocker = asyncio.ensure_future(h.stub.Embed(FULL_BATCH, timeout=10))
     await until(lambda: len(h.engine.batches) == 2, "blocker in the engine")  # warm-up + it
     a = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["call a"]), timeout=10))
     b = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["call b"]), timeout=10))
@@ -268,9 +275,9 @@ async def test_invalid_argument_is_recorded(make: Maker) -> None:
 
 
 async def test_resource_exhausted_is_recorded(make: Maker) -> None:
-    h = await make(max_queue_items=2, max_inflight_batches=1, max_wait_ms=0)
+    h = await make(max_queue_items=2, max_inflight_batches=1, max_wait_ms=0, max_batch_tokens=128)
     h.engine.gate.clear()
-    blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["first"]), timeout=10))
+    blocker = asyncio.ensure_future(h.stub.Embed(FULL_BATCH, timeout=10))
     await until(lambda: len(h.engine.batches) == 2, "blocker in the engine")
     filler = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=10))
     await until(lambda: h.queued_items() == 2, "the queue is full")
@@ -400,11 +407,12 @@ async def test_refused_api_key_is_measured_and_keys_never_logged(
 async def test_prometheus_endpoint_of_a_running_server(make: Maker) -> None:
     port = free_port()
     config = ServiceConfig(metrics_port=port, metrics_host="127.0.0.1")
-    h = await make(telemetry=Telemetry.from_config(config, environ={}), max_inflight_batches=1)
+    telemetry = Telemetry.from_config(config, environ={})
+    h = await make(telemetry=telemetry, max_inflight_batches=1, max_batch_tokens=128)
     assert h.server.telemetry.metrics_port == port
     await h.stub.Embed(pb.EmbedRequest(inputs=["one", "two", "three"]), timeout=10)
     h.engine.gate.clear()
-    blocker = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["held"]), timeout=10))
+    blocker = asyncio.ensure_future(h.stub.Embed(FULL_BATCH, timeout=10))
     await until(lambda: len(h.engine.batches) == 3, "a batch held in the engine")
     queued = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(inputs=["q1", "q2"]), timeout=10))
     await until(lambda: h.queued_items() == 2, "two inputs queued")
