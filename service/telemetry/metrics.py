@@ -2,26 +2,21 @@
 
 The SDK's default histogram buckets are scaled for milliseconds (0, 5, 10, ... 10000), which
 would put every embedding call in the first bucket; each histogram here passes its own.
-Observable gauges read the batcher and the engine at collection time, so the request path
-pays nothing for them.
-
-Histogram records are deferred: the request path appends (histogram, value, attributes) to
-a queue, and the queue is replayed into the SDK just before each collection (and whenever
-it holds FLUSH_EVERY records). The SDK spends ~8 us per record when its code is hot in the
-CPU caches and ~20 us when each record comes between two requests; replaying in a tight
-loop takes the cheap path and roughly halves what metrics cost a null-engine call.
+Histograms are aggregated by service.telemetry.histograms (cheaper per record than the SDK);
+counters are plain integers and gauges read the batcher and the engine, both at collection
+time, so the request path pays nothing for them.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Protocol
 
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
-from opentelemetry.util.types import Attributes
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from service.telemetry import names
+from service.telemetry.histograms import HistogramSet
 
 # Seconds. Unary calls take ~1 ms on a GPU for a short text and seconds for a big batch on a
 # CPU; stream calls last as long as the bulk job.
@@ -43,44 +38,6 @@ BATCH_ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_TOKEN_BUCKETS = (
     16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
 )  # fmt: skip
-
-
-# Replay at least this often: bounds the queue when nothing collects (no scraper yet).
-FLUSH_EVERY = 1024
-
-
-class _Replay:
-    """Histogram records waiting for the next collection (see the module docstring)."""
-
-    def __init__(self) -> None:
-        # deque: append and popleft are atomic, and the exporter's collection thread flushes
-        # while the event loop appends.
-        self.pending: deque[tuple[Histogram, float, Attributes]] = deque()
-
-    def flush(self) -> None:
-        pop = self.pending.popleft
-        while True:
-            try:
-                histogram, value, attributes = pop()
-            except IndexError:
-                return
-            histogram.record(value, attributes)
-
-
-class DeferredHistogram:
-    """Has Histogram.record's signature; the record reaches the SDK at the next flush."""
-
-    __slots__ = ("_append", "_histogram", "_replay")
-
-    def __init__(self, histogram: Histogram, replay: _Replay) -> None:
-        self._histogram = histogram
-        self._replay = replay
-        self._append = replay.pending.append
-
-    def record(self, amount: float, attributes: Attributes = None) -> None:
-        self._append((self._histogram, amount, attributes))
-        if len(self._replay.pending) >= FLUSH_EVERY:
-            self._replay.flush()
 
 
 class QueueSource(Protocol):
@@ -106,19 +63,12 @@ class EngineSource(Protocol):
 class Instruments:
     """Every instrument of the service; the gauges read whatever `watch` last attached."""
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, scope: InstrumentationScope | None = None) -> None:
         self._queue: QueueSource | None = None
         self._engine: EngineSource | None = None
-        self._replay = _Replay()
-
-        def histogram(
-            spec: tuple[str, str], description: str, buckets: Sequence[float]
-        ) -> DeferredHistogram:
-            name, unit = spec
-            created = meter.create_histogram(
-                name, unit, description, explicit_bucket_boundaries_advisory=buckets
-            )
-            return DeferredHistogram(created, self._replay)
+        # What the readers add to each collection (HistogramReader.attach).
+        self.histograms = HistogramSet(scope or InstrumentationScope(names.INSTRUMENTATION_SCOPE))
+        histogram = self.histograms.create
 
         self.rpc_duration = histogram(
             names.RPC_DURATION,
@@ -222,14 +172,7 @@ class Instruments:
 
     # Gauges report 0 rather than nothing while the engine loads: an autoscaler reading a
     # missing series would stall instead of seeing an idle replica.
-    def flush(self) -> None:
-        """Hand every deferred histogram record to the SDK."""
-        self._replay.flush()
-
     def _observe_queue_items(self, _options: CallbackOptions) -> Iterable[Observation]:
-        # The SDK runs every callback before it reads the synchronous instruments, so this
-        # is where deferred records catch up with the collection in progress.
-        self.flush()
         return [Observation(self._queue.queued_items if self._queue else 0)]
 
     def _observe_queue_tokens(self, _options: CallbackOptions) -> Iterable[Observation]:

@@ -6,7 +6,7 @@
 - traces: only when OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, through a
   batch span processor; sampling follows OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
   Without an endpoint no tracer exists at all, so nothing is created per call.
-Tests build `Telemetry(...)` with their own providers (in-memory exporter and reader):
+Tests build `Telemetry(...)` with their own tracer provider and readers (in-memory):
 OpenTelemetry's global providers can be set only once per process, so none is set here.
 """
 
@@ -15,27 +15,29 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from wsgiref.simple_server import WSGIServer
 
-from opentelemetry.metrics import MeterProvider, NoOpMeterProvider
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
+from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry, start_http_server
 
 from service.config import ServiceConfig
 from service.telemetry import names
 from service.telemetry.batches import BatchTelemetry
+from service.telemetry.histograms import (
+    HistogramReader,
+    PeriodicExportingReader,
+    PrometheusReader,
+)
 from service.telemetry.interceptor import TelemetryInterceptor
 from service.telemetry.metrics import EngineSource, Instruments, QueueSource
 from service.telemetry.stages import PipelineTelemetry
@@ -91,14 +93,21 @@ class Telemetry:
         self,
         *,
         tracer_provider: TracerProvider | None = None,
-        meter_provider: MeterProvider | None = None,
+        metric_readers: Sequence[HistogramReader] = (),
+        resource: Resource | None = None,
         metrics_endpoint: MetricsEndpoint | None = None,
         enabled: bool = True,
         owns_providers: bool = False,
     ) -> None:
+        """`metric_readers` get the SDK's instruments and the service's histograms; with
+        none, metrics are recorded and dropped."""
         version = _version()
         self.tracer_provider = tracer_provider
-        self.meter_provider = meter_provider
+        self.meter_provider: SdkMeterProvider | None = (
+            SdkMeterProvider(resource=resource, metric_readers=metric_readers)
+            if metric_readers
+            else None
+        )
         self.metrics_endpoint = metrics_endpoint
         self._owns_providers = owns_providers
         tracer = (
@@ -106,10 +115,14 @@ class Telemetry:
             if tracer_provider is not None and enabled
             else None
         )
-        meter = (meter_provider or NoOpMeterProvider()).get_meter(
+        meter = (self.meter_provider or NoOpMeterProvider()).get_meter(
             names.INSTRUMENTATION_SCOPE, version
         )
-        self.instruments = Instruments(meter)
+        self.instruments = Instruments(
+            meter, InstrumentationScope(names.INSTRUMENTATION_SCOPE, version)
+        )
+        for reader in metric_readers:
+            reader.attach(self.instruments.histograms)
         self.batch_observer = BatchTelemetry(self.instruments, tracer) if enabled else None
         self.stages = PipelineTelemetry(self.instruments, tracer) if enabled else None
         self.interceptors = [TelemetryInterceptor(self.instruments, tracer)] if enabled else []
@@ -145,24 +158,20 @@ class Telemetry:
             tracer_provider = SdkTracerProvider(resource=resource)
             for processor in processors:
                 tracer_provider.add_span_processor(processor)
-        readers: list[MetricReader] = []
+        readers: list[HistogramReader] = []
         endpoint = None
         if config.metrics_port:
-            from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
             # A registry of our own: the global one would collect twice if two servers ran
             # in one process, and would also expose prometheus_client's process metrics.
             registry = CollectorRegistry()
-            readers.append(PrometheusMetricReader(registry=registry))
+            readers.append(PrometheusReader(registry=registry))
             endpoint = MetricsEndpoint(config.metrics_host, config.metrics_port, registry)
         if _otlp_wanted(env, "METRICS"):
-            readers.append(PeriodicExportingMetricReader(_otlp_metric_exporter(env)))
-        meter_provider = (
-            SdkMeterProvider(resource=resource, metric_readers=readers) if readers else None
-        )
+            readers.append(PeriodicExportingReader(_otlp_metric_exporter(env)))
         return cls(
             tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
+            metric_readers=readers,
+            resource=resource,
             metrics_endpoint=endpoint,
             owns_providers=True,
         )
@@ -182,7 +191,6 @@ class Telemetry:
     def shutdown(self) -> None:
         """Stop serving /metrics; flush and stop exporters this object created."""
         self.instruments.watch(None, None)
-        self.instruments.flush()  # deferred records reach the final export
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
         if self._owns_providers:

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -34,8 +33,9 @@ from service.engines.base import EngineInfo
 from service.engines.null_engine import NullEngine
 from service.telemetry import QUEUE_ITEMS_METRIC, QUEUE_TOKENS_METRIC, Telemetry, names
 from service.telemetry.batches import BatchTelemetry
+from service.telemetry.histograms import Histogram, InMemoryReader, PrometheusReader
 from service.telemetry.logs import configure_logging
-from service.telemetry.metrics import Instruments
+from service.telemetry.metrics import CALL_BUCKETS_S
 
 # Every Prometheus family the service exports, as the README lists them.
 EXPORTED = {
@@ -73,11 +73,11 @@ def test_prometheus_names_are_exactly_the_documented_ones() -> None:
     assert QUEUE_ITEMS_METRIC == "embedding_queue_items"
     assert QUEUE_TOKENS_METRIC == "embedding_queue_tokens"
     registry = CollectorRegistry()
-    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
-    m = Instruments(provider.get_meter("test"))
+    telemetry = Telemetry(metric_readers=[PrometheusReader(registry=registry)])
+    m = telemetry.instruments
     m.watch(_Queue(), _Engine())
     for histogram in (m.rpc_duration, m.batch_items, m.batch_tokens, m.queue_wait):
-        histogram.record(1, {"k": "v"})
+        histogram.record(1, (("k", "v"),))
     m.engine_duration.record(1)
     m.count_processed("interactive", 1, 5)
     m.count_truncated(1)
@@ -90,12 +90,42 @@ def test_prometheus_names_are_exactly_the_documented_ones() -> None:
     assert samples[QUEUE_ITEMS_METRIC] == 3
     assert samples[QUEUE_TOKENS_METRIC] == 42
     assert samples["embedding_inputs_total"] == 1
+    assert telemetry.meter_provider is not None
+    telemetry.meter_provider.shutdown()
+
+
+def test_histograms_aggregate_as_the_sdk_does() -> None:
+    """The same values into the SDK's histogram (the reference) and into ours."""
+    rng = np.random.default_rng(7)
+    values = [0.0, 0.001, 0.0010001, 0.0025, 0.003, 1.0, 300.0, 300.5, 1e6]
+    values += [float(v) for v in rng.lognormal(-4, 2, 500)]
+    sdk_reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[sdk_reader])
+    reference = provider.get_meter("reference").create_histogram(
+        "h", "s", explicit_bucket_boundaries_advisory=CALL_BUCKETS_S
+    )
+    ours = Histogram("h", "s", "", CALL_BUCKETS_S)
+    for v in values:
+        reference.record(v, {"a": "x", "n": 1})
+        ours.record(v, (("a", "x"), ("n", 1)))
+    data = sdk_reader.get_metrics_data()
+    assert data is not None
+    (expected,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    metric = ours.metric(0)
+    assert metric is not None
+    (got,) = metric.data.data_points
+    assert isinstance(expected, HistogramDataPoint) and isinstance(got, HistogramDataPoint)
+    assert got.attributes == expected.attributes
+    assert list(got.bucket_counts) == list(expected.bucket_counts)
+    assert list(got.explicit_bounds) == list(expected.explicit_bounds)
+    assert (got.count, got.min, got.max) == (expected.count, expected.min, expected.max)
+    assert got.sum == pytest.approx(expected.sum, rel=1e-12)
     provider.shutdown()
 
 
 def test_gauges_report_idle_before_the_engine_loads() -> None:
-    reader = InMemoryMetricReader()
-    m = Instruments(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    reader = InMemoryReader()
+    m = Telemetry(metric_readers=[reader]).instruments
     del m
     assert _counter(reader, names.QUEUE_ITEMS[0]) == 0
     assert _counter(reader, names.ENGINE_UP[0]) == 0
@@ -120,7 +150,7 @@ class _InstantEngine:
         return None
 
 
-def _counter(reader: InMemoryMetricReader, name: str, **attrs: object) -> float:
+def _counter(reader: InMemoryReader, name: str, **attrs: object) -> float:
     data = reader.get_metrics_data()
     assert data is not None
     total = 0.0
@@ -140,8 +170,8 @@ def _counter(reader: InMemoryMetricReader, name: str, **attrs: object) -> float:
 
 
 async def test_batcher_hooks_count_inputs_and_rejections() -> None:
-    reader = InMemoryMetricReader()
-    instruments = Instruments(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    reader = InMemoryReader()
+    instruments = Telemetry(metric_readers=[reader]).instruments
     limits = BatcherLimits(
         max_batch_tokens=100,
         max_batch_items=8,

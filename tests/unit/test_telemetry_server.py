@@ -1,6 +1,6 @@
 """Telemetry through the real grpc.aio server and servicer, with an in-process engine.
 
-Spans go to an InMemorySpanExporter and metrics to an InMemoryMetricReader, passed in
+Spans go to an InMemorySpanExporter and metrics to an InMemoryReader, passed in
 explicitly (OpenTelemetry's global providers can be set only once per process). The engine
 is a gate: tests hold a batch in the engine to make queueing and cancellation deterministic.
 """
@@ -22,8 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import HistogramDataPoint
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -37,6 +36,7 @@ from service.config import ServiceConfig
 from service.engines.base import EngineInfo
 from service.server import EmbeddingServer
 from service.telemetry import QUEUE_ITEMS_METRIC, QUEUE_TOKENS_METRIC, Telemetry, names
+from service.telemetry.histograms import InMemoryReader
 from tests.servers import free_port
 
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class Harness:
     server: EmbeddingServer
     engine: GatedEngine
     spans: InMemorySpanExporter
-    reader: InMemoryMetricReader
+    reader: InMemoryReader
     channel: grpc.aio.Channel
     stub: pb_grpc.EmbeddingServiceAsyncStub
 
@@ -131,10 +131,8 @@ async def make() -> AsyncIterator[Maker]:
         spans = InMemorySpanExporter()
         tracer_provider = TracerProvider(sampler=ALWAYS_ON)
         tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-        reader = InMemoryMetricReader()
-        telemetry = telemetry or Telemetry(
-            tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader])
-        )
+        reader = InMemoryReader()
+        telemetry = telemetry or Telemetry(tracer_provider=tracer_provider, metric_readers=[reader])
         engine = GatedEngine()
         settings = {"metrics_port": 0, **settings}
         config = ServiceConfig(port=0, grace_s=1.0, **settings)
