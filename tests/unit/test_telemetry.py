@@ -17,6 +17,9 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
     NumberDataPoint,
 )
 from opentelemetry.sdk.trace import TracerProvider
@@ -33,7 +36,12 @@ from service.engines.base import EngineInfo
 from service.engines.null_engine import NullEngine
 from service.telemetry import QUEUE_ITEMS_METRIC, QUEUE_TOKENS_METRIC, Telemetry, names
 from service.telemetry.batches import BatchTelemetry
-from service.telemetry.histograms import Histogram, InMemoryReader, PrometheusReader
+from service.telemetry.histograms import (
+    Histogram,
+    InMemoryReader,
+    PeriodicExportingReader,
+    PrometheusReader,
+)
 from service.telemetry.logs import configure_logging
 from service.telemetry.metrics import CALL_BUCKETS_S
 
@@ -121,6 +129,45 @@ def test_histograms_aggregate_as_the_sdk_does() -> None:
     assert (got.count, got.min, got.max) == (expected.count, expected.min, expected.max)
     assert got.sum == pytest.approx(expected.sum, rel=1e-12)
     provider.shutdown()
+
+
+class _KeepingExporter(MetricExporter):
+    """An OTLP stand-in: keeps what it is asked to export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exported: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self.exported.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        return None
+
+
+def test_pushed_metrics_carry_the_histograms() -> None:
+    exporter = _KeepingExporter()
+    reader = PeriodicExportingReader(exporter, export_interval_millis=3_600_000)
+    telemetry = Telemetry(metric_readers=[reader])
+    telemetry.instruments.batch_items.record(3)
+    telemetry.instruments.batch_items.record(5)
+    assert telemetry.meter_provider is not None
+    telemetry.meter_provider.force_flush()
+    (data,) = exporter.exported
+    (scope,) = data.resource_metrics[0].scope_metrics
+    assert scope.scope.name == names.INSTRUMENTATION_SCOPE, "one scope for SDK and histograms"
+    by_name = {m.name: m for m in scope.metrics}
+    (point,) = by_name[names.BATCH_ITEMS[0]].data.data_points
+    assert isinstance(point, HistogramDataPoint)
+    assert (point.count, point.sum, point.min, point.max) == (2, 8, 3, 5)
+    assert names.QUEUE_ITEMS[0] in by_name, "the SDK's own instruments are still there"
+    telemetry.meter_provider.shutdown()
 
 
 def test_gauges_report_idle_before_the_engine_loads() -> None:
