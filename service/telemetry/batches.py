@@ -34,7 +34,7 @@ class BatchTelemetry:
     def __init__(self, instruments: Instruments, tracer: Tracer | None) -> None:
         self._m = instruments
         self._tracer = tracer
-        # Attribute dicts built once, not per record.
+        # Attribute keys built once, not per record.
         self._by_priority: dict[Priority, AttributeKey] = {
             p: ((names.PRIORITY, name),) for p, name in _PRIORITY_NAMES.items()
         }
