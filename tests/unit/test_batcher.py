@@ -351,19 +351,23 @@ async def test_engine_is_told_which_batches_carry_unary_calls() -> None:
     assert engine.priorities == [Priority.BULK, Priority.INTERACTIVE]
 
 
+async def _teach_40_tokens_per_s(batcher: Batcher, engine: FakeEngine, clock: FakeClock) -> None:
+    """One full bulk batch of 80 tokens (items 1-8) that takes 2 s on the clock."""
+    engine.hold()
+    first = batcher.submit([ids(t, 10) for t in range(1, 9)], Priority.BULK)
+    await wait_until(lambda: engine.active == 1)
+    clock.now = 2.0
+    engine.release()
+    await results(first)
+
+
 async def test_bulk_batches_shrink_to_the_step_budget_while_unary_calls_are_live() -> None:
     clock = FakeClock()
     engine = FakeEngine()
     limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
     async with running(engine, limits, clock) as batcher:
-        # A full bulk batch of 80 tokens takes 2 s on the clock: the engine does 40 tokens/s,
-        # so a 0.25 s step holds 10 tokens while unary callers are live.
-        engine.hold()
-        first = batcher.submit([ids(t, 10) for t in range(1, 9)], Priority.BULK)
-        await wait_until(lambda: engine.active == 1)
-        clock.now = 2.0
-        engine.release()
-        await results(first)
+        # 40 tokens/s: a 0.25 s step holds 10 tokens while unary callers are live.
+        await _teach_40_tokens_per_s(batcher, engine, clock)
 
         engine.hold()
         blocker = batcher.submit([ids(10, 100)], Priority.BULK)  # no room for unary items
@@ -391,12 +395,7 @@ async def test_no_step_budget_without_unary_traffic() -> None:
     engine = FakeEngine()
     limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
     async with running(engine, limits, clock) as batcher:
-        engine.hold()
-        first = batcher.submit([ids(t, 10) for t in range(1, 9)], Priority.BULK)
-        await wait_until(lambda: engine.active == 1)
-        clock.now = 2.0
-        engine.release()
-        await results(first)
+        await _teach_40_tokens_per_s(batcher, engine, clock)
         await results(batcher.submit([ids(t, 10) for t in range(10, 18)], Priority.BULK))
     assert firsts(engine) == [list(range(1, 9)), list(range(10, 18))]
 
