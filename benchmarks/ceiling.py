@@ -61,7 +61,7 @@ async def _drive(config: ServiceConfig, kind: str, texts: Sequence[str], seconds
             done_texts += sizes[task][0]
             done_tokens += sizes[task][1]
         elapsed = time.perf_counter() - began
-        # This process is the engine's client alone (AsyncLLM, no server, nothing to
+        # This process is the engine's client alone (no server, nothing to
         # tokenize): the CPU any front end on this engine pays at least.
         cpu_s = cpu_seconds(os.getpid()) - cpu_before
     finally:

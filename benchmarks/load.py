@@ -22,6 +22,7 @@ import numpy as np
 from benchmarks.measure import Point
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from embedding_client.requests import ITEMS_PER_MESSAGE
 
 CALL_TIMEOUT_S = 300.0
 
@@ -123,35 +124,45 @@ async def stream(
     texts: Sequence[str],
     *,
     stop: asyncio.Event | None = None,
+    items_per_message: int = ITEMS_PER_MESSAGE,
 ) -> Point:
-    """One EmbedStream carrying `texts` (over and over until `stop`, when given).
+    """One EmbedStream carrying `texts` (over and over until `stop`, when given), in
+    messages of `items_per_message` items, as the client library sends them.
 
     The writer sends as fast as the server's flow control lets it; latency is per item,
-    from the moment the item went out to its result.
+    from the moment its message went out to its result.
     """
     sent: dict[str, float] = {}
     point = Point()
 
     async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
-        for n in itertools.count():
-            if stop is None and n >= len(texts):
+        total = len(texts) if stop is None else None  # None: until `stop` is set
+        for start in itertools.count(0, items_per_message):
+            if (total is not None and start >= total) or (stop is not None and stop.is_set()):
                 return
-            if stop is not None and stop.is_set():
-                return
-            key = str(n)
-            sent[key] = time.perf_counter()
-            yield pb.EmbedStreamRequest(id=key, input=texts[n % len(texts)])
+            end = (
+                start + items_per_message
+                if total is None
+                else min(start + items_per_message, total)
+            )
+            now = time.perf_counter()
+            items = []
+            for n in range(start, end):
+                sent[str(n)] = now
+                items.append(pb.StreamItem(id=str(n), input=texts[n % len(texts)]))
+            yield pb.EmbedStreamRequest(items=items)
 
     began = time.perf_counter()
     call = stub.EmbedStream(requests(), timeout=CALL_TIMEOUT_S * 10)
-    async for result in call:
-        point.latencies.append(time.perf_counter() - sent.pop(result.id))
-        if result.HasField("error"):
-            point.errors += 1
-            continue
-        np.frombuffer(result.embedding.data, np.float32)
-        point.texts += 1
-        point.tokens += result.embedding.token_count
+    async for response in call:
+        for result in response.results:
+            point.latencies.append(time.perf_counter() - sent.pop(result.id))
+            if result.HasField("error"):
+                point.errors += 1
+                continue
+            np.frombuffer(result.embedding.data, np.float32)
+            point.texts += 1
+            point.tokens += result.embedding.token_count
     point.calls = 1
     point.seconds = time.perf_counter() - began
     return point

@@ -10,8 +10,9 @@ everything measured is front end. The modes:
 - on:   as off, plus tracing at full sampling (always_on) through a batch span processor
         into an exporter that drops the spans (the cost up to, not including, the network).
 
-The loads: single-text unary calls (64 concurrent), 64-text unary calls (8 concurrent) and
-two EmbedStreams of single-text items, all with the corpus's query-length texts.
+The loads: single-text unary calls (64 concurrent), 64-text unary calls (8 concurrent), and
+two EmbedStreams, of single-item messages and of 64-item messages, all with the corpus's
+query-length texts.
 
 The servers run side by side, each in a process of its own pinned to one core, and this
 process (pinned to the other core) drives one server at a time, switching every `--window`
@@ -118,10 +119,11 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- load
 
 LOADS = {
-    # name: (texts per call, concurrent calls); "stream" sends single-text items.
+    # name: (texts per call or stream message, concurrent calls or streams)
     "unary1": (1, 64),
     "unary64": (64, 8),
     "stream": (1, 2),
+    "stream64": (64, 2),
 }
 
 
@@ -176,24 +178,32 @@ async def _unary(
 
 
 async def _stream(
-    stub: pb_grpc.EmbeddingServiceAsyncStub, texts: list[str], streams: int, end: float
+    stub: pb_grpc.EmbeddingServiceAsyncStub, texts: list[str], size: int, streams: int, end: float
 ) -> tuple[int, int, int]:
+    """`size` 1: single-item messages; more: multi-item messages of `size` items."""
     loop = asyncio.get_running_loop()
     done = errors = 0
 
-    async def items(offset: int) -> AsyncIterator[pb.EmbedStreamRequest]:
+    def message(n: int) -> pb.EmbedStreamRequest:
+        if size == 1:
+            return pb.EmbedStreamRequest(id=str(n), input=texts[n % len(texts)])
+        items = [pb.StreamItem(id=str(k), input=texts[k % len(texts)]) for k in range(n, n + size)]
+        return pb.EmbedStreamRequest(items=items)
+
+    async def messages(offset: int) -> AsyncIterator[pb.EmbedStreamRequest]:
         n = offset
         while loop.time() < end:
-            yield pb.EmbedStreamRequest(id=str(n), input=texts[n % len(texts)])
-            n += 1
+            yield message(n)
+            n += size
 
     async def one(offset: int) -> None:
         nonlocal done, errors
-        async for result in stub.EmbedStream(items(offset), timeout=60):
-            if result.HasField("error"):
-                errors += 1
-            else:
-                done += 1
+        async for response in stub.EmbedStream(messages(offset), timeout=60):
+            for result in response.results or (response,):
+                if result.HasField("error"):
+                    errors += 1
+                else:
+                    done += 1
 
     await asyncio.gather(*(one(n * 100_000) for n in range(streams)))
     return done, streams, errors
@@ -206,8 +216,8 @@ async def _window(
     loop = asyncio.get_running_loop()
     began = loop.time()
     size, concurrency = LOADS[load]
-    if load == "stream":
-        counts = await _stream(stub, texts, concurrency, began + seconds)
+    if load.startswith("stream"):
+        counts = await _stream(stub, texts, size, concurrency, began + seconds)
     else:
         counts = await _unary(stub, texts, size, concurrency, began + seconds)
     return (*counts, loop.time() - began)

@@ -198,7 +198,8 @@ def markdown(results: Row) -> str:
         "## Serving-path CPU seconds per 1,000 texts",
         "",
         "The serving process only, not vLLM's engine core. The engine client alone is the"
-        " ceiling run's own process: AsyncLLM with no server and nothing to tokenize.",
+        " ceiling run's own process: the service's vLLM client with no server and nothing to"
+        " tokenize.",
         "",
         *cpu_table(results),
         "## Mixed load: unary queries while bulk traffic saturates the engine",

@@ -61,6 +61,11 @@ class Priority(enum.IntEnum):
     BULK = 1  # stream items
 
 
+# Iterating an Enum class is a Python-level generator: the per-item paths use these instead.
+_PRIORITIES = tuple(Priority)
+_UP_TO = {p: tuple(q for q in _PRIORITIES if q <= p) for p in _PRIORITIES}
+
+
 @dataclass(frozen=True)
 class BatcherLimits:
     max_batch_tokens: int  # token budget of one batch (sum of len(token_ids))
@@ -245,6 +250,7 @@ class Batcher:
         self._last_interactive_at = -math.inf
         self._bulk_token_cap = int(limits.max_queue_tokens * limits.bulk_queue_share)
         self._bulk_item_cap = int(limits.max_queue_items * limits.bulk_queue_share)
+        self._bulk_share = f"{limits.bulk_queue_share:.0%} BULK share of"
 
     # ----------------------------------------------------------------- public surface
 
@@ -267,7 +273,7 @@ class Batcher:
 
     def estimated_wait_s(self, priority: Priority) -> float:
         """Rough time until a new item of this priority is embedded, from recent batches."""
-        ahead = sum(self._tokens[p] for p in Priority if p <= priority)
+        ahead = sum(self._tokens[p] for p in _UP_TO[priority])
         batches = 1 + ahead // self._limits.max_batch_tokens
         return batches * self._batch_latency_s / self._limits.max_inflight_batches
 
@@ -394,7 +400,7 @@ class Batcher:
             _Bound("items", self.queued_items, limits.max_queue_items, "max_queue_items"),
         ]
         if priority is Priority.BULK:
-            share = f"{limits.bulk_queue_share:.0%} BULK share of"
+            share = self._bulk_share
             bulk = Priority.BULK
             bounds += [
                 _Bound(
@@ -432,7 +438,7 @@ class Batcher:
         return min(max(estimate, _MIN_RETRY_AFTER_S), _MAX_RETRY_AFTER_S)
 
     def _waiters_ahead(self, priority: Priority) -> bool:
-        return any(self._waiters[p] for p in Priority if p <= priority)
+        return any(self._waiters[p] for p in _UP_TO[priority])
 
     def _rejected(self, reason: str, priority: Priority, n_items: int) -> None:
         if self._observer is not None:
@@ -464,7 +470,7 @@ class Batcher:
         Returns whether anything was admitted.
         """
         admitted = False
-        for priority in Priority:
+        for priority in _PRIORITIES:
             waiters = self._waiters[priority]
             while waiters:
                 waiter = waiters[0]
@@ -602,7 +608,7 @@ class Batcher:
 
     def _hold_for(self, now: float) -> float | None:
         """None: nothing to do until woken. 0: dispatch now. >0: wait this long for more items."""
-        ready = [p for p in Priority if self._engine_has_room(p)]
+        ready = [p for p in _PRIORITIES if self._engine_has_room(p)]
         heads = [h for p in ready if (h := self._live_head(self._queues[p], now)) is not None]
         if not heads:
             return None
@@ -635,7 +641,7 @@ class Batcher:
         """
         batch: list[_Item] = []
         tokens = 0
-        for priority in Priority:
+        for priority in _PRIORITIES:
             if not self._engine_has_room(priority):
                 continue
             budget = self._token_budget(priority, now)

@@ -13,7 +13,12 @@ from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client.channel import channel_options
 from embedding_client.codec import Options, OptionsKwargs
-from embedding_client.requests import embed_request, similarity_request, stream_requests
+from embedding_client.requests import (
+    ITEMS_PER_MESSAGE,
+    embed_request,
+    similarity_request,
+    stream_requests,
+)
 from embedding_client.results import EmbedResult, SimilarityResult, StreamResult
 
 
@@ -45,14 +50,24 @@ class AsyncEmbeddingClient:
         return EmbedResult.from_proto(resp)
 
     async def embed_stream(
-        self, items: Iterable[tuple[str, str]], **options: Unpack[OptionsKwargs]
+        self,
+        items: Iterable[tuple[str, str]],
+        *,
+        items_per_message: int = ITEMS_PER_MESSAGE,
+        **options: Unpack[OptionsKwargs],
     ) -> AsyncIterator[StreamResult]:
-        """Stream (id, text) pairs; yields results as the server finishes them."""
+        """Stream (id, text) pairs; yields results as the server finishes them.
+
+        Items go `items_per_message` to a message, which is cheapest for bulk jobs. Use 1
+        when the iterable yields slowly and each item should leave at once.
+        """
         call = self._stub.EmbedStream(
-            stream_requests(items, Options(**options)), metadata=self._metadata
+            stream_requests(items, Options(**options), items_per_message),
+            metadata=self._metadata,
         )
         async for resp in call:
-            yield StreamResult.from_proto(resp)
+            for result in StreamResult.all_from_proto(resp):
+                yield result
 
     async def similarity(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding_client.codec import Options
@@ -12,12 +13,33 @@ def embed_request(inputs: Sequence[str], options: Options) -> pb.EmbedRequest:
     return pb.EmbedRequest(inputs=list(inputs), options=options.to_proto())
 
 
+# Items per EmbedStreamRequest: a message per item costs the server more than embedding a
+# short text, while 64 items of 32k tokens still fit the server's 32 MiB message limit.
+ITEMS_PER_MESSAGE = 64
+
+
 def stream_requests(
-    items: Iterable[tuple[str, str]], options: Options
+    items: Iterable[tuple[str, str]], options: Options, items_per_message: int
 ) -> Iterator[pb.EmbedStreamRequest]:
+    """`items_per_message` 1 sends the single-item form (each item leaves as soon as the
+    iterable yields it); more send the multi-item form, waiting for that many items."""
+    if items_per_message < 1:
+        raise ValueError(f"items_per_message must be at least 1, not {items_per_message}")
     opts = options.to_proto()
-    for item_id, text in items:
-        yield pb.EmbedStreamRequest(id=item_id, input=text, options=opts)
+    if items_per_message == 1:
+        return (
+            pb.EmbedStreamRequest(id=item_id, input=text, options=opts) for item_id, text in items
+        )
+    return _multi_item_requests(iter(items), opts, items_per_message)
+
+
+def _multi_item_requests(
+    items: Iterator[tuple[str, str]], opts: pb.EmbedOptions, n: int
+) -> Iterator[pb.EmbedStreamRequest]:
+    while chunk := list(islice(items, n)):
+        yield pb.EmbedStreamRequest(
+            items=[pb.StreamItem(id=item_id, input=text) for item_id, text in chunk], options=opts
+        )
 
 
 def similarity_request(

@@ -37,22 +37,32 @@ class EmbedResult:
 
 @dataclass(frozen=True)
 class StreamResult:
-    """One EmbedStream result: a vector, or the item's own error."""
+    """One EmbedStream result: a vector, or the item's own error.
+
+    An error with an empty id refused a whole message (undecodable, or a malformed `items`).
+    """
 
     id: str
     vector: npt.NDArray[np.float32] | None
     error: status_pb2.Status | None
-    response: pb.EmbedStreamResponse
+    response: pb.EmbedStreamResponse | pb.StreamItemResult
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     @classmethod
-    def from_proto(cls, resp: pb.EmbedStreamResponse) -> StreamResult:
+    def from_proto(cls, resp: pb.EmbedStreamResponse | pb.StreamItemResult) -> StreamResult:
         if resp.HasField("embedding"):
             return cls(id=resp.id, vector=decode(resp.embedding), error=None, response=resp)
         return cls(id=resp.id, vector=None, error=resp.error, response=resp)
+
+    @classmethod
+    def all_from_proto(cls, resp: pb.EmbedStreamResponse) -> list[StreamResult]:
+        """The results one response carries: its own, or those of a multi-item message."""
+        if resp.results:
+            return [cls.from_proto(r) for r in resp.results]
+        return [cls.from_proto(resp)]
 
 
 @dataclass(frozen=True)

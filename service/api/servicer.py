@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -14,6 +14,7 @@ import grpc
 import grpc.aio
 import numpy as np
 from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from embedding.v1 import embedding_pb2 as pb
@@ -285,6 +286,20 @@ _GROUP_ITEMS = 256
 _GROUP_WAIT_S = 0.001
 
 
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One item read from a stream: a whole single-item message, or one of its `items`."""
+
+    id: str
+    input: str
+    options: pb.EmbedOptions
+    batched: bool  # came in `items`, so it is answered in a response's `results`
+
+
+# (response, stream slots it frees, item ids it takes out of flight)
+_Reply = tuple[pb.EmbedStreamResponse, int, Sequence[str]]
+
+
 class _Stream:
     """One EmbedStream call: a reader feeds items in, results go out as they finish.
 
@@ -298,10 +313,11 @@ class _Stream:
         self._rt = rt
         self._deadline = deadline
         self._slots = asyncio.Semaphore(rt.stream_max_inflight)
-        # (response, whether it answers an item that holds its id in _inflight_ids)
-        self._results: asyncio.Queue[tuple[pb.EmbedStreamResponse, bool] | None] = asyncio.Queue()
+        # A message never needs more slots than exist, or its reader would wait forever.
+        self._max_items = min(rt.validator.max_inputs, rt.stream_max_inflight)
+        self._results: asyncio.Queue[_Reply | None] = asyncio.Queue()
         self._inflight_ids: set[str] = set()
-        self._pending: list[pb.EmbedStreamRequest] = []  # read, not yet in a group
+        self._pending: list[_Item] = []  # read, not yet in a group
         self._arrived = asyncio.Event()
         self._reading = True
         self._tasks: set[asyncio.Task[None]] = set()
@@ -312,12 +328,12 @@ class _Stream:
         reader = asyncio.create_task(self._read(requests))
         grouper = asyncio.create_task(self._group())
         try:
-            while (result := await self._results.get()) is not None:
-                response, holds_id = result
+            while (reply := await self._results.get()) is not None:
+                response, slots, ids = reply
                 yield response
-                if holds_id:
-                    self._inflight_ids.discard(response.id)
-                self._slots.release()
+                self._inflight_ids.difference_update(ids)
+                for _ in range(slots):
+                    self._slots.release()
             await reader  # re-raise a failure of the request stream itself
         finally:
             for task in (reader, grouper, *self._tasks):
@@ -328,27 +344,56 @@ class _Stream:
     async def _read(self, requests: AsyncIterator[pb.EmbedStreamRequest]) -> None:
         try:
             async for request in requests:
-                await self._slots.acquire()
                 if isinstance(request, Undecodable):
                     # No id can be read from it; answer with an empty id and go on.
+                    await self._slots.acquire()
                     error = to_status(request.invalid("request"))
-                    self._results.put_nowait((pb.EmbedStreamResponse(error=error), False))
-                elif request.id in self._inflight_ids:
-                    # Refused for this item only; the first item with that id goes on.
-                    error = to_status(
-                        InvalidInputError(
-                            "id", f"id {request.id!r} is already in flight on this stream"
-                        )
-                    )
-                    response = pb.EmbedStreamResponse(id=request.id, error=error)
-                    self._results.put_nowait((response, False))
+                    self._results.put_nowait((pb.EmbedStreamResponse(error=error), 1, ()))
+                elif request.items:
+                    await self._read_items(request)
                 else:
-                    self._inflight_ids.add(request.id)
-                    self._pending.append(request)
-                    self._arrived.set()
+                    await self._slots.acquire()
+                    item = _Item(request.id, request.input, request.options, False)
+                    if self._accept(item):
+                        self._arrived.set()
+                    else:
+                        response = pb.EmbedStreamResponse(id=item.id, error=_duplicate(item.id))
+                        self._results.put_nowait((response, 1, ()))
         finally:
             self._reading = False
             self._arrived.set()
+
+    async def _read_items(self, request: pb.EmbedStreamRequest) -> None:
+        items = request.items
+        refusal = None
+        if request.id or request.input:
+            refusal = "set either items or id and input, not both"
+        elif len(items) > self._max_items:
+            refusal = f"{len(items)} items exceed the limit of {self._max_items} per message"
+        if refusal is not None:
+            # Like an undecodable message: one error with no id, and the stream goes on.
+            await self._slots.acquire()
+            error = to_status(InvalidInputError("items", f"{refusal} (first id {items[0].id!r})"))
+            self._results.put_nowait((pb.EmbedStreamResponse(error=error), 1, ()))
+            return
+        for _ in range(len(items)):
+            await self._slots.acquire()
+        duplicates = []
+        for it in items:
+            if not self._accept(_Item(it.id, it.input, request.options, True)):
+                duplicates.append(pb.StreamItemResult(id=it.id, error=_duplicate(it.id)))
+        if duplicates:
+            response = pb.EmbedStreamResponse(results=duplicates)
+            self._results.put_nowait((response, len(duplicates), ()))
+        self._arrived.set()
+
+    def _accept(self, item: _Item) -> bool:
+        """Queue the item for a group, unless its id is in flight (then only it is refused)."""
+        if item.id in self._inflight_ids:
+            return False
+        self._inflight_ids.add(item.id)
+        self._pending.append(item)
+        return True
 
     async def _group(self) -> None:
         """Hands read items to the pipeline a group at a time; ends the results when done."""
@@ -371,35 +416,47 @@ class _Stream:
             await asyncio.wait(set(self._tasks))
         self._results.put_nowait(None)
 
-    async def _items(self, group: list[pb.EmbedStreamRequest]) -> None:
+    async def _items(self, group: list[_Item]) -> None:
         started = time.perf_counter()
         rt = self._rt
-        by_spec: dict[EmbedSpec, list[pb.EmbedStreamRequest]] = {}
-        for request in group:
+        answers = _Answers(started)
+        specs: dict[int, EmbedSpec | Exception] = {}  # items of one message share options
+        by_spec: dict[EmbedSpec, list[_Item]] = {}
+        for item in group:
+            spec = specs.get(id(item.options))
+            if spec is None:
+                try:
+                    spec = rt.validator.options(item.options)
+                except Exception as exc:
+                    spec = exc
+                specs[id(item.options)] = spec
             try:
-                rt.validator.text(request.input, "input")
-                spec = rt.validator.options(request.options)
+                if isinstance(spec, Exception):
+                    raise spec
+                rt.validator.text(item.input, "input")  # the result's id names the item
             except Exception as exc:
-                self._answer(request.id, exc, started)
+                answers.error(item, exc)
                 continue
-            by_spec.setdefault(spec, []).append(request)
+            by_spec.setdefault(spec, []).append(item)
         await asyncio.gather(
-            *(self._embed(spec, requests, started) for spec, requests in by_spec.items())
+            *(self._embed(spec, items, answers) for spec, items in by_spec.items())
         )
+        for reply in answers.replies():
+            self._results.put_nowait(reply)
 
-    async def _embed(
-        self, spec: EmbedSpec, requests: list[pb.EmbedStreamRequest], started: float
-    ) -> None:
+    async def _embed(self, spec: EmbedSpec, items: list[_Item], answers: _Answers) -> None:
         """Items with the same options: one pipeline call, one encoding pass."""
-        texts = [r.input for r in requests]
+        texts = [item.input for item in items]
         try:
             outcomes = await self._rt.embedder.embed_bulk(texts, spec, "input", self._deadline)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            outcomes = [exc] * len(requests)
+            outcomes = [exc] * len(items)
         good = [
-            (r, o) for r, o in zip(requests, outcomes, strict=True) if not isinstance(o, Exception)
+            (item, o)
+            for item, o in zip(items, outcomes, strict=True)
+            if not isinstance(o, Exception)
         ]
         if good:
             merged = EmbedOutcome(
@@ -407,17 +464,49 @@ class _Stream:
                 inputs=[o.inputs[0] for _, o in good],
                 timing=good[0][1].timing,
             )
-            for (request, ok), embedding in zip(good, _embeddings(merged, spec), strict=True):
-                response = pb.EmbedStreamResponse(
-                    id=request.id, embedding=embedding, timing=_timing(ok, started)
-                )
-                self._results.put_nowait((response, True))
-        for request, outcome in zip(requests, outcomes, strict=True):
+            for (item, ok), embedding in zip(good, _embeddings(merged, spec), strict=True):
+                answers.embedding(item, embedding, ok)
+        for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                self._answer(request.id, outcome, started)
+                answers.error(item, outcome)
 
-    def _answer(self, item_id: str, error: Exception, started: float) -> None:
-        response = pb.EmbedStreamResponse(
-            id=item_id, error=to_status(error), timing=_timing(None, started)
-        )
-        self._results.put_nowait((response, True))
+
+def _duplicate(item_id: str) -> status_pb2.Status:
+    return to_status(InvalidInputError("id", f"id {item_id!r} is already in flight on this stream"))
+
+
+class _Answers:
+    """The results of one group: a response per single item, one response for the rest."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._singles: list[_Reply] = []
+        self._batched: list[pb.StreamItemResult] = []
+        self._batched_ids: list[str] = []
+
+    def embedding(self, item: _Item, embedding: pb.Embedding, outcome: EmbedOutcome) -> None:
+        timing = _timing(outcome, self._started)
+        if item.batched:
+            self._batched.append(
+                pb.StreamItemResult(id=item.id, embedding=embedding, timing=timing)
+            )
+            self._batched_ids.append(item.id)
+        else:
+            response = pb.EmbedStreamResponse(id=item.id, embedding=embedding, timing=timing)
+            self._singles.append((response, 1, (item.id,)))
+
+    def error(self, item: _Item, error: Exception) -> None:
+        status = to_status(error)
+        timing = _timing(None, self._started)
+        if item.batched:
+            self._batched.append(pb.StreamItemResult(id=item.id, error=status, timing=timing))
+            self._batched_ids.append(item.id)
+        else:
+            response = pb.EmbedStreamResponse(id=item.id, error=status, timing=timing)
+            self._singles.append((response, 1, (item.id,)))
+
+    def replies(self) -> list[_Reply]:
+        if not self._batched:
+            return self._singles
+        response = pb.EmbedStreamResponse(results=self._batched)
+        return [*self._singles, (response, len(self._batched), self._batched_ids)]

@@ -40,6 +40,10 @@ class RequestValidator:
         self._card = card
         self._limits = limits
 
+    @property
+    def max_inputs(self) -> int:
+        return self._limits.max_inputs
+
     def texts(self, texts: Sequence[str], field: str, allow_empty_list: bool = False) -> None:
         """The list itself and each text: count, emptiness, characters."""
         limit = self._limits.max_inputs

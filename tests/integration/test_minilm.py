@@ -79,10 +79,13 @@ def test_similarity_scores_are_reference_cosines(minilm: EmbeddingClient, minilm
         np.testing.assert_allclose([s for _, s in ranking], expected[q, best], atol=1e-4)
 
 
-def test_stream_returns_every_id_once_with_its_vector(minilm: EmbeddingClient) -> None:
+@pytest.mark.parametrize("items_per_message", [1, 64])
+def test_stream_returns_every_id_once_with_its_vector(
+    minilm: EmbeddingClient, items_per_message: int
+) -> None:
     items = [(f"doc-{i}", TEXTS[i % len(TEXTS)] + f" #{i}") for i in range(200)]
     items.insert(50, ("empty", ""))
-    results = list(minilm.embed_stream(items))
+    results = list(minilm.embed_stream(items, items_per_message=items_per_message))
     by_id = {r.id: r for r in results}
     assert len(results) == len(items) == len(by_id)
     failed = by_id.pop("empty")
@@ -96,14 +99,17 @@ def test_stream_returns_every_id_once_with_its_vector(minilm: EmbeddingClient) -
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_stream_refuses_a_duplicate_id_in_flight(minilm: EmbeddingClient) -> None:
+@pytest.mark.parametrize("items_per_message", [1, 64])
+def test_stream_refuses_a_duplicate_id_in_flight(
+    minilm: EmbeddingClient, items_per_message: int
+) -> None:
     items = [("same", TEXTS[0]), ("same", TEXTS[1]), ("other", TEXTS[2])]
-    results = list(minilm.embed_stream(items))
+    results = list(minilm.embed_stream(items, items_per_message=items_per_message))
     assert len(results) == 3
-    ok = [r for r in results if r.ok]
     refused = [r for r in results if not r.ok]
-    # The second "same" may arrive after the first finished; then both succeed.
-    assert len(ok) + len(refused) == 3
+    if items_per_message > 1:
+        assert len(refused) == 1  # one message: the first "same" is surely still in flight
+    # One per message: the second "same" may arrive after the first finished; both succeed.
     for r in refused:
         assert r.id == "same" and r.error is not None
         assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -227,3 +227,76 @@ async def test_stream_vectors_match_unary(make_server: ServerMaker) -> None:
         expected = unary.embeddings[int(r.id)].data
         assert r.embedding.data == expected
     assert np.frombuffer(unary.embeddings[0].data, "<f4").shape == (384,)
+
+
+async def test_stream_multi_item_messages_mixed_with_single_items(make_server: ServerMaker) -> None:
+    # Messages of up to 8 items against 8 slots: the reader must never wait on itself.
+    server, _ = await make_server(stream_max_inflight=8)
+    channel, stub = _stub(server)
+    texts = [f"item {i}" for i in range(60)]
+    int8 = pb.EmbedOptions(encoding=pb.ENCODING_INT8)
+
+    async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        i = 0
+        while i < len(texts):
+            if i % 3 == 0:
+                yield pb.EmbedStreamRequest(id=str(i), input=texts[i])
+                i += 1
+                continue
+            chunk = range(i, min(i + 8, len(texts)))
+            items = [pb.StreamItem(id=str(j), input=texts[j]) for j in chunk]
+            yield pb.EmbedStreamRequest(items=items, options=int8 if i % 2 else None)
+            i += len(chunk)
+        # Bad items fail alone: an empty text, an id already in flight in the same message.
+        bad = [pb.StreamItem(id="empty", input=""), pb.StreamItem(id="twice", input="a")]
+        yield pb.EmbedStreamRequest(items=[*bad, pb.StreamItem(id="twice", input="b")])
+
+    async with channel:
+        responses = [r async for r in stub.EmbedStream(requests(), timeout=30)]
+        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+        unary8 = await stub.Embed(pb.EmbedRequest(inputs=texts, options=int8), timeout=30)
+    singles = [r for r in responses if not r.results]
+    assert all(not r.id or int(r.id) % 3 == 0 for r in singles)
+    results: list[pb.EmbedStreamResponse | pb.StreamItemResult] = [
+        *singles,
+        *(x for r in responses for x in r.results),
+    ]
+    by_id: dict[str, list[Any]] = {}
+    for r in results:
+        by_id.setdefault(r.id, []).append(r)
+    assert sorted(by_id) == sorted([*map(str, range(60)), "empty", "twice"])
+    for i in range(60):
+        (r,) = by_id[str(i)]
+        expected = unary8 if r.embedding.encoding == pb.ENCODING_INT8 else unary
+        assert r.embedding.data == expected.embeddings[i].data
+    assert by_id["empty"][0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    twice = sorted(by_id["twice"], key=lambda r: r.HasField("error"))
+    assert [r.HasField("error") for r in twice] == [False, True]
+    assert "already in flight" in twice[1].error.message
+
+
+async def test_stream_refuses_malformed_multi_item_messages_and_goes_on(
+    make_server: ServerMaker,
+) -> None:
+    server, _ = await make_server(stream_max_inflight=4, max_inputs_per_request=16)
+    channel, stub = _stub(server)
+    five = [pb.StreamItem(id=f"x{i}", input="text") for i in range(5)]
+
+    async def requests() -> AsyncIterator[pb.EmbedStreamRequest]:
+        yield pb.EmbedStreamRequest(items=five)  # more than the 4 slots
+        yield pb.EmbedStreamRequest(id="both", input="text", items=five[:2])
+        yield pb.EmbedStreamRequest(items=five[:4])
+
+    async with channel:
+        responses = [r async for r in stub.EmbedStream(requests(), timeout=30)]
+    errors = [r.error for r in responses if r.HasField("error")]
+    assert [e.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
+    assert "5 items exceed the limit of 4 per message (first id 'x0')" in errors[0].message
+    assert "either items or id and input" in errors[1].message
+    assert all(not r.id for r in responses if r.HasField("error"))
+    assert sorted(x.id for r in responses for x in r.results if x.HasField("embedding")) == [
+        "x0",
+        "x1",
+        "x2",
+        "x3",
+    ]

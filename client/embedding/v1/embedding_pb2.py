@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x17google/rpc/status.proto\"\xc6\x01\n\x0c\x45mbedOptions\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12(\n\x08truncate\x18\x05 \x01(\x0e\x32\x16.embedding.v1.Truncate\x12(\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x16.embedding.v1.EncodingB\x0c\n\n_normalize\"\x8e\x01\n\tEmbedding\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12(\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\x08\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"W\n\x06Timing\x12\x13\n\x0btokenize_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x14\n\x0cinference_us\x18\x03 \x01(\x04\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"K\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\"\x95\x01\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedding.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.Timing\"\\\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\"\xa4\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.embedding.v1.EmbeddingH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.TimingB\x08\n\x06result\"s\n\x11SimilarityRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\x12\r\n\x05top_k\x18\x04 \x01(\r\".\n\x0eScoredDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"O\n\x10SimilarityResult\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12+\n\x05top_k\x18\x02 \x03(\x0b\x32\x1c.embedding.v1.ScoredDocument\"\x9e\x01\n\x12SimilarityResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.embedding.v1.SimilarityResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedding.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.Timing\"\x15\n\x13GetModelInfoRequest\"\xe4\x01\n\x0cServerLimits\x12\x1e\n\x16max_inputs_per_request\x18\x01 \x01(\r\x12\x17\n\x0fmax_input_chars\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x04 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_items\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\r\x12\x1a\n\x12max_request_tokens\x18\x08 \x01(\r\"\xfb\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x1c\n\x14instruction_template\x18\x07 \x01(\t\x12@\n\x07prompts\x18\x08 \x03(\x0b\x32/.embedding.v1.GetModelInfoResponse.PromptsEntry\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0f\n\x07pooling\x18\n \x01(\t\x12*\n\x06limits\x18\x0b \x01(\x0b\x32\x1a.embedding.v1.ServerLimits\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*_\n\x08Truncate\x12\x18\n\x14TRUNCATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATE_REFUSE\x10\x01\x12\x10\n\x0cTRUNCATE_END\x10\x02\x12\x12\n\x0eTRUNCATE_START\x10\x03*x\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x13\n\x0f\x45NCODING_BINARY\x10\x04\x32\xd4\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12V\n\x0b\x45mbedStream\x12 .embedding.v1.EmbedStreamRequest\x1a!.embedding.v1.EmbedStreamResponse(\x01\x30\x01\x12O\n\nSimilarity\x12\x1f.embedding.v1.SimilarityRequest\x1a .embedding.v1.SimilarityResponse\x12U\n\x0cGetModelInfo\x12!.embedding.v1.GetModelInfoRequest\x1a\".embedding.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x17google/rpc/status.proto\"\xc6\x01\n\x0c\x45mbedOptions\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x13\n\x0bprompt_name\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12(\n\x08truncate\x18\x05 \x01(\x0e\x32\x16.embedding.v1.Truncate\x12(\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x16.embedding.v1.EncodingB\x0c\n\n_normalize\"\x8e\x01\n\tEmbedding\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12(\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x16.embedding.v1.Encoding\x12\r\n\x05scale\x18\x04 \x01(\x02\x12\x13\n\x0btoken_count\x18\x05 \x01(\r\x12\x11\n\ttruncated\x18\x06 \x01(\x08\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"W\n\x06Timing\x12\x13\n\x0btokenize_us\x18\x01 \x01(\x04\x12\x10\n\x08queue_us\x18\x02 \x01(\x04\x12\x14\n\x0cinference_us\x18\x03 \x01(\x04\x12\x10\n\x08total_us\x18\x04 \x01(\x04\"K\n\x0c\x45mbedRequest\x12\x0e\n\x06inputs\x18\x01 \x03(\t\x12+\n\x07options\x18\x02 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\"\x95\x01\n\rEmbedResponse\x12+\n\nembeddings\x18\x01 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedding.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.Timing\"\x85\x01\n\x12\x45mbedStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\x12\'\n\x05items\x18\x04 \x03(\x0b\x32\x18.embedding.v1.StreamItem\"\'\n\nStreamItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\"\xd5\x01\n\x13\x45mbedStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.embedding.v1.EmbeddingH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.Timing\x12/\n\x07results\x18\x05 \x03(\x0b\x32\x1e.embedding.v1.StreamItemResultB\x08\n\x06result\"\xa1\x01\n\x10StreamItemResult\x12\n\n\x02id\x18\x01 \x01(\t\x12,\n\tembedding\x18\x02 \x01(\x0b\x32\x17.embedding.v1.EmbeddingH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.TimingB\x08\n\x06result\"s\n\x11SimilarityRequest\x12\x0f\n\x07queries\x18\x01 \x03(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12+\n\x07options\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.EmbedOptions\x12\r\n\x05top_k\x18\x04 \x01(\r\".\n\x0eScoredDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x02\"O\n\x10SimilarityResult\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12+\n\x05top_k\x18\x02 \x03(\x0b\x32\x1c.embedding.v1.ScoredDocument\"\x9e\x01\n\x12SimilarityResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.embedding.v1.SimilarityResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.embedding.v1.Usage\x12$\n\x06timing\x18\x04 \x01(\x0b\x32\x14.embedding.v1.Timing\"\x15\n\x13GetModelInfoRequest\"\xe4\x01\n\x0cServerLimits\x12\x1e\n\x16max_inputs_per_request\x18\x01 \x01(\r\x12\x17\n\x0fmax_input_chars\x18\x02 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x03 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x04 \x01(\r\x12\x18\n\x10max_queue_tokens\x18\x05 \x01(\r\x12\x17\n\x0fmax_queue_items\x18\x06 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x07 \x01(\r\x12\x1a\n\x12max_request_tokens\x18\x08 \x01(\r\"\xfb\x02\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x16\n\x0emax_dimensions\x18\x04 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x1c\n\x14instruction_template\x18\x07 \x01(\t\x12@\n\x07prompts\x18\x08 \x03(\x0b\x32/.embedding.v1.GetModelInfoResponse.PromptsEntry\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x0f\n\x07pooling\x18\n \x01(\t\x12*\n\x06limits\x18\x0b \x01(\x0b\x32\x1a.embedding.v1.ServerLimits\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*_\n\x08Truncate\x12\x18\n\x14TRUNCATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fTRUNCATE_REFUSE\x10\x01\x12\x10\n\x0cTRUNCATE_END\x10\x02\x12\x12\n\x0eTRUNCATE_START\x10\x03*x\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x13\n\x0f\x45NCODING_BINARY\x10\x04\x32\xd4\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12V\n\x0b\x45mbedStream\x12 .embedding.v1.EmbedStreamRequest\x1a!.embedding.v1.EmbedStreamResponse(\x01\x30\x01\x12O\n\nSimilarity\x12\x1f.embedding.v1.SimilarityRequest\x1a .embedding.v1.SimilarityResponse\x12U\n\x0cGetModelInfo\x12!.embedding.v1.GetModelInfoRequest\x1a\".embedding.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._loaded_options = None
   _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_TRUNCATE']._serialized_start=2093
-  _globals['_TRUNCATE']._serialized_end=2188
-  _globals['_ENCODING']._serialized_start=2190
-  _globals['_ENCODING']._serialized_end=2310
+  _globals['_TRUNCATE']._serialized_start=2389
+  _globals['_TRUNCATE']._serialized_end=2484
+  _globals['_ENCODING']._serialized_start=2486
+  _globals['_ENCODING']._serialized_end=2606
   _globals['_EMBEDOPTIONS']._serialized_start=72
   _globals['_EMBEDOPTIONS']._serialized_end=270
   _globals['_EMBEDDING']._serialized_start=273
@@ -50,26 +50,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDREQUEST']._serialized_end=635
   _globals['_EMBEDRESPONSE']._serialized_start=638
   _globals['_EMBEDRESPONSE']._serialized_end=787
-  _globals['_EMBEDSTREAMREQUEST']._serialized_start=789
-  _globals['_EMBEDSTREAMREQUEST']._serialized_end=881
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=884
-  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1048
-  _globals['_SIMILARITYREQUEST']._serialized_start=1050
-  _globals['_SIMILARITYREQUEST']._serialized_end=1165
-  _globals['_SCOREDDOCUMENT']._serialized_start=1167
-  _globals['_SCOREDDOCUMENT']._serialized_end=1213
-  _globals['_SIMILARITYRESULT']._serialized_start=1215
-  _globals['_SIMILARITYRESULT']._serialized_end=1294
-  _globals['_SIMILARITYRESPONSE']._serialized_start=1297
-  _globals['_SIMILARITYRESPONSE']._serialized_end=1455
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1457
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1478
-  _globals['_SERVERLIMITS']._serialized_start=1481
-  _globals['_SERVERLIMITS']._serialized_end=1709
-  _globals['_GETMODELINFORESPONSE']._serialized_start=1712
-  _globals['_GETMODELINFORESPONSE']._serialized_end=2091
-  _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._serialized_start=2045
-  _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._serialized_end=2091
-  _globals['_EMBEDDINGSERVICE']._serialized_start=2313
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2653
+  _globals['_EMBEDSTREAMREQUEST']._serialized_start=790
+  _globals['_EMBEDSTREAMREQUEST']._serialized_end=923
+  _globals['_STREAMITEM']._serialized_start=925
+  _globals['_STREAMITEM']._serialized_end=964
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_start=967
+  _globals['_EMBEDSTREAMRESPONSE']._serialized_end=1180
+  _globals['_STREAMITEMRESULT']._serialized_start=1183
+  _globals['_STREAMITEMRESULT']._serialized_end=1344
+  _globals['_SIMILARITYREQUEST']._serialized_start=1346
+  _globals['_SIMILARITYREQUEST']._serialized_end=1461
+  _globals['_SCOREDDOCUMENT']._serialized_start=1463
+  _globals['_SCOREDDOCUMENT']._serialized_end=1509
+  _globals['_SIMILARITYRESULT']._serialized_start=1511
+  _globals['_SIMILARITYRESULT']._serialized_end=1590
+  _globals['_SIMILARITYRESPONSE']._serialized_start=1593
+  _globals['_SIMILARITYRESPONSE']._serialized_end=1751
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1753
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1774
+  _globals['_SERVERLIMITS']._serialized_start=1777
+  _globals['_SERVERLIMITS']._serialized_end=2005
+  _globals['_GETMODELINFORESPONSE']._serialized_start=2008
+  _globals['_GETMODELINFORESPONSE']._serialized_end=2387
+  _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._serialized_start=2341
+  _globals['_GETMODELINFORESPONSE_PROMPTSENTRY']._serialized_end=2387
+  _globals['_EMBEDDINGSERVICE']._serialized_start=2609
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)

@@ -301,26 +301,64 @@ class EmbedStreamRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Client-chosen id echoed on the result. Must be unique among the stream's items in flight."""
     input: _builtins.str
     """The text to embed."""
     @_builtins.property
-    def options(self) -> Global___EmbedOptions: ...
+    def options(self) -> Global___EmbedOptions:
+        """For this item, or for every one of `items`."""
+
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamItem]:
+        """Many items in one message, instead of `id` and `input`: for bulk jobs, where a message
+        per item costs the server more than embedding a short text does. Their results come in
+        EmbedStreamResponse.results. At most the smaller of limits.max_inputs_per_request and the
+        server's --stream-max-inflight (1024 by default) items.
+        """
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         input: _builtins.str = ...,
         options: Global___EmbedOptions | None = ...,
+        items: _abc.Iterable[Global___StreamItem] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input", b"input", "options", b"options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input", b"input", "items", b"items", "options", b"options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmbedStreamRequest: _TypeAlias = EmbedStreamRequest  # noqa: Y015
+
+@_typing.final
+class StreamItem(_message.Message):
+    """One item of a multi-item EmbedStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Client-chosen id echoed on the result. Must be unique among the stream's items in flight."""
+    input: _builtins.str
+    """The text to embed."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        input: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "input", b"input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamItem: _TypeAlias = StreamItem  # noqa: Y015
 
 @_typing.final
 class EmbedStreamResponse(_message.Message):
@@ -330,8 +368,54 @@ class EmbedStreamResponse(_message.Message):
     EMBEDDING_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the request this result answers."""
+    @_builtins.property
+    def embedding(self) -> Global___Embedding: ...
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this item failed; the stream goes on."""
+
+    @_builtins.property
+    def timing(self) -> Global___Timing: ...
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamItemResult]:
+        """Results of items sent in EmbedStreamRequest.items, as many as finished together, in no
+        particular order; then id, result and timing are unset.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        embedding: Global___Embedding | None = ...,
+        error: _status_pb2.Status | None = ...,
+        timing: Global___Timing | None = ...,
+        results: _abc.Iterable[Global___StreamItemResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "result", b"result", "timing", b"timing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "id", b"id", "result", b"result", "results", b"results", "timing", b"timing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___EmbedStreamResponse: _TypeAlias = EmbedStreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamItemResult(_message.Message):
+    """The result of one StreamItem."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the item this result answers."""
     @_builtins.property
     def embedding(self) -> Global___Embedding: ...
     @_builtins.property
@@ -356,7 +440,7 @@ class EmbedStreamResponse(_message.Message):
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 
-Global___EmbedStreamResponse: _TypeAlias = EmbedStreamResponse  # noqa: Y015
+Global___StreamItemResult: _TypeAlias = StreamItemResult  # noqa: Y015
 
 @_typing.final
 class SimilarityRequest(_message.Message):

@@ -75,9 +75,10 @@ class EmbeddingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EmbedStream(self, request_iterator, context):
-        """Bulk embedding. Each request carries one text and a client-chosen id; results come
-        back as they finish, tagged with that id. A failing item gets its own error result and
-        the stream goes on. The server reads the stream only as fast as it can work.
+        """Bulk embedding. Each request carries one text and a client-chosen id, or many such items;
+        results come back as they finish, tagged with those ids. A failing item gets its own
+        error result and the stream goes on. The server reads the stream only as fast as it can
+        work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,9 +40,10 @@ class EmbeddingServiceStub:
     Embed: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.EmbedRequest, _embedding_pb2.EmbedResponse]
     """Embed a batch of texts in one call. Embeddings come back in input order."""
     EmbedStream: _grpc.StreamStreamMultiCallable[_embedding_pb2.EmbedStreamRequest, _embedding_pb2.EmbedStreamResponse]
-    """Bulk embedding. Each request carries one text and a client-chosen id; results come
-    back as they finish, tagged with that id. A failing item gets its own error result and
-    the stream goes on. The server reads the stream only as fast as it can work.
+    """Bulk embedding. Each request carries one text and a client-chosen id, or many such items;
+    results come back as they finish, tagged with those ids. A failing item gets its own
+    error result and the stream goes on. The server reads the stream only as fast as it can
+    work.
     """
     Similarity: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.SimilarityRequest, _embedding_pb2.SimilarityResponse]
     """Cosine similarity between queries and documents."""
@@ -61,9 +62,10 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     Embed: _aio.UnaryUnaryMultiCallable[_embedding_pb2.EmbedRequest, _embedding_pb2.EmbedResponse]  # type: ignore[assignment]
     """Embed a batch of texts in one call. Embeddings come back in input order."""
     EmbedStream: _aio.StreamStreamMultiCallable[_embedding_pb2.EmbedStreamRequest, _embedding_pb2.EmbedStreamResponse]  # type: ignore[assignment]
-    """Bulk embedding. Each request carries one text and a client-chosen id; results come
-    back as they finish, tagged with that id. A failing item gets its own error result and
-    the stream goes on. The server reads the stream only as fast as it can work.
+    """Bulk embedding. Each request carries one text and a client-chosen id, or many such items;
+    results come back as they finish, tagged with those ids. A failing item gets its own
+    error result and the stream goes on. The server reads the stream only as fast as it can
+    work.
     """
     Similarity: _aio.UnaryUnaryMultiCallable[_embedding_pb2.SimilarityRequest, _embedding_pb2.SimilarityResponse]  # type: ignore[assignment]
     """Cosine similarity between queries and documents."""
@@ -91,9 +93,10 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_embedding_pb2.EmbedStreamRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_embedding_pb2.EmbedStreamResponse], _abc.AsyncIterator[_embedding_pb2.EmbedStreamResponse]]:
-        """Bulk embedding. Each request carries one text and a client-chosen id; results come
-        back as they finish, tagged with that id. A failing item gets its own error result and
-        the stream goes on. The server reads the stream only as fast as it can work.
+        """Bulk embedding. Each request carries one text and a client-chosen id, or many such items;
+        results come back as they finish, tagged with those ids. A failing item gets its own
+        error result and the stream goes on. The server reads the stream only as fast as it can
+        work.
         """
 
     @_abc_1.abstractmethod
