@@ -482,31 +482,33 @@ class _Answers:
         self._started = started
         self._singles: list[_Reply] = []
         self._batched: list[pb.StreamItemResult] = []
-        self._batched_ids: list[str] = []
 
     def embedding(self, item: _Item, embedding: pb.Embedding, outcome: EmbedOutcome) -> None:
-        timing = _timing(outcome, self._started)
-        if item.batched:
-            self._batched.append(
-                pb.StreamItemResult(id=item.id, embedding=embedding, timing=timing)
-            )
-            self._batched_ids.append(item.id)
-        else:
-            response = pb.EmbedStreamResponse(id=item.id, embedding=embedding, timing=timing)
-            self._singles.append((response, 1, (item.id,)))
+        self._add(item, _timing(outcome, self._started), embedding=embedding)
 
     def error(self, item: _Item, error: Exception) -> None:
-        status = to_status(error)
-        timing = _timing(None, self._started)
+        self._add(item, _timing(None, self._started), error=to_status(error))
+
+    def _add(
+        self,
+        item: _Item,
+        timing: pb.Timing,
+        embedding: pb.Embedding | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> None:
         if item.batched:
-            self._batched.append(pb.StreamItemResult(id=item.id, error=status, timing=timing))
-            self._batched_ids.append(item.id)
+            result = pb.StreamItemResult(
+                id=item.id, embedding=embedding, error=error, timing=timing
+            )
+            self._batched.append(result)
         else:
-            response = pb.EmbedStreamResponse(id=item.id, error=status, timing=timing)
+            response = pb.EmbedStreamResponse(
+                id=item.id, embedding=embedding, error=error, timing=timing
+            )
             self._singles.append((response, 1, (item.id,)))
 
     def replies(self) -> list[_Reply]:
         if not self._batched:
             return self._singles
         response = pb.EmbedStreamResponse(results=self._batched)
-        return [*self._singles, (response, len(self._batched), self._batched_ids)]
+        return [*self._singles, (response, len(self._batched), [r.id for r in self._batched])]
