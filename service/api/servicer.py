@@ -420,20 +420,14 @@ class _Stream:
         started = time.perf_counter()
         rt = self._rt
         answers = _Answers(started)
-        specs: dict[int, EmbedSpec | Exception] = {}  # items of one message share options
+        specs: dict[int, EmbedSpec] = {}  # the items of one message share its options
         by_spec: dict[EmbedSpec, list[_Item]] = {}
         for item in group:
-            spec = specs.get(id(item.options))
-            if spec is None:
-                try:
-                    spec = rt.validator.options(item.options)
-                except Exception as exc:
-                    spec = exc
-                specs[id(item.options)] = spec
             try:
-                if isinstance(spec, Exception):
-                    raise spec
                 rt.validator.text(item.input, "input")  # the result's id names the item
+                spec = specs.get(id(item.options))
+                if spec is None:
+                    spec = specs[id(item.options)] = rt.validator.options(item.options)
             except Exception as exc:
                 answers.error(item, exc)
                 continue
