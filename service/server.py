@@ -1,11 +1,14 @@
-"""Wiring: model files, engine, tokenizer, batcher and servicer behind one grpc.aio server,
-with standard health, reflection and a drain on SIGTERM."""
+"""Wiring: model files, engine, tokenizer, batcher, and the two faces in one event loop (the
+gRPC servicer on grpc.aio, the HTTP face on uvicorn), with standard health, reflection and
+a drain on SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +19,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from embedding.v1 import embedding_pb2 as pb
-from service.api.auth import ApiKeyInterceptor, load_keys
-from service.api.servicer import EmbeddingServicer, Runtime, add_servicer
-from service.api.validation import RequestLimits, RequestValidator
+from service import version
+from service.api.grpc.auth import ApiKeyInterceptor
+from service.api.grpc.servicer import EmbeddingServicer, add_servicer
+from service.api.http.app import HttpApi
+from service.api.http.server import HttpServer, TlsFiles
+from service.api.keys import ApiKeys, load_keys
+from service.api.runtime import Gate, Runtime, ServerLimits
+from service.api.validation import RequestLimits, RequestOptions, RequestValidator
 from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
 from service.engines.base import Engine, EngineUnavailableError
-from service.model_card import ModelCard, load_model_card, resolve_model_path
+from service.errors import ModelLoadError
+from service.model_card import load_model_card, resolve_model_path
 from service.pipeline import Embedder
 from service.telemetry import Telemetry
 from service.tokenization import TextTokenizer
@@ -40,7 +49,24 @@ LIVENESS_SERVICE = "liveness"
 EngineFactory = Callable[[ServiceConfig, Path, str], Engine]
 
 
+# vLLM's start-up chatter: some 60 lines of notes and library warnings from this process
+# and the engine's, none of which a user can act on. Hidden unless the service logs at
+# DEBUG; vLLM's errors still show. The variables are read by the engine's processes.
+_QUIET_ENGINE_ENV = {
+    "VLLM_LOGGING_LEVEL": "ERROR",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ notes (NUMA binding)
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+}
+
+
 def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
+    quiet = logging.getLevelName(config.log_level.upper()) != logging.DEBUG
+    if quiet:
+        for variable, value in _QUIET_ENGINE_ENV.items():
+            os.environ.setdefault(variable, value)
+        # vLLM logs while it is imported, before it configures its own logger.
+        logging.getLogger("vllm").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
     from service.engines.vllm_engine import VllmEngine, VllmSettings
 
     return VllmEngine.load(
@@ -54,6 +80,7 @@ def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engi
             max_num_seqs=config.max_batch_items,
             enforce_eager=config.enforce_eager,
             prefix_caching=config.prefix_caching,
+            progress_bars=not quiet,
         )
     )
 
@@ -92,34 +119,6 @@ def request_tokens_limit(config: ServiceConfig, budget: int) -> int:
     return min(config.max_request_tokens, max(config.max_queue_tokens, budget))
 
 
-def _model_info(
-    config: ServiceConfig, card: ModelCard, engine: Engine, budget: int
-) -> pb.GetModelInfoResponse:
-    info = engine.info
-    return pb.GetModelInfoResponse(
-        model=info.model_name,
-        dimension=info.dimension,
-        min_dimensions=min(config.min_dimensions, info.dimension),
-        max_dimensions=info.dimension,
-        max_input_tokens=info.max_input_tokens,
-        default_instruction=card.default_instruction,
-        instruction_template=card.instruction_template,
-        prompts=card.prompts,
-        dtype=info.dtype,
-        pooling=card.pooling or info.pooling,
-        limits=pb.ServerLimits(
-            max_inputs_per_request=config.max_inputs_per_request,
-            max_input_chars=config.max_input_chars,
-            max_batch_tokens=budget,
-            max_batch_items=config.max_batch_items,
-            max_queue_tokens=config.max_queue_tokens,
-            max_queue_items=config.max_queue_items,
-            max_request_bytes=config.max_request_bytes,
-            max_request_tokens=request_tokens_limit(config, budget),
-        ),
-    )
-
-
 async def build_components(
     config: ServiceConfig, engine_factory: EngineFactory, telemetry: Telemetry | None = None
 ) -> Components:
@@ -129,7 +128,11 @@ async def build_components(
     card = load_model_card(path, name, config.instruction_template)
     # Loading takes from seconds (CPU, small model) to minutes; the event loop keeps
     # answering health checks meanwhile.
-    engine = await asyncio.to_thread(engine_factory, config, path, name)
+    try:
+        engine = await asyncio.to_thread(engine_factory, config, path, name)
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"model {config.model!r} could not be loaded: {cause}") from exc
     info = engine.info
     # A single input may be as long as the model allows, so the budget is at least that.
     budget = max(config.max_batch_tokens, info.max_input_tokens)
@@ -164,22 +167,31 @@ async def build_components(
             dimension=info.dimension,
         ),
     )
+    limits = ServerLimits(
+        max_inputs_per_request=config.max_inputs_per_request,
+        max_input_chars=config.max_input_chars,
+        max_batch_tokens=budget,
+        max_batch_items=config.max_batch_items,
+        max_queue_tokens=config.max_queue_tokens,
+        max_queue_items=config.max_queue_items,
+        max_request_bytes=config.max_request_bytes,
+        max_request_tokens=request_tokens_limit(config, budget),
+        min_dimensions=min(config.min_dimensions, info.dimension),
+        stream_max_inflight=config.stream_max_inflight,
+    )
     runtime = Runtime(
-        embedder=Embedder(
-            tokenizer, batcher, request_tokens_limit(config, budget), telemetry.stages
-        ),
+        embedder=Embedder(tokenizer, batcher, limits.max_request_tokens, telemetry.stages),
         validator=validator,
         card=card,
         info=info,
-        model_info=_model_info(config, card, engine, budget),
-        stream_max_inflight=config.stream_max_inflight,
+        limits=limits,
     )
     return Components(engine, tokenizer, batcher, runtime)
 
 
 async def warm_up(runtime: Runtime) -> None:
     """One real call through the whole path, so the first caller pays no start-up cost."""
-    spec = runtime.validator.options(pb.EmbedOptions())
+    spec = runtime.validator.options(RequestOptions())
     await runtime.embedder.embed(["warm up"], spec, "inputs", deadline=None)
 
 
@@ -214,11 +226,12 @@ def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _interceptors(config: ServiceConfig) -> list[grpc.aio.ServerInterceptor]:
+def _api_keys(config: ServiceConfig) -> ApiKeys | None:
     keys = load_keys(config.api_keys, config.api_keys_file)
-    if keys:
-        log.info("API keys required on %s (%d configured)", SERVICE_NAME, len(keys))
-    return [ApiKeyInterceptor(keys)] if keys else []
+    if not keys:
+        return None
+    log.info("API keys required on both faces (%d configured)", len(keys))
+    return ApiKeys(keys)
 
 
 class EmbeddingServer:
@@ -233,7 +246,10 @@ class EmbeddingServer:
         self.config = config
         self._engine_factory = engine_factory
         self.telemetry = telemetry or Telemetry.from_config(config)
-        auth = _interceptors(config)
+        # Both faces ask the gate before each call, so they agree on whether we serve.
+        self.gate = Gate()
+        keys = _api_keys(config)
+        auth = [ApiKeyInterceptor(keys)] if keys else []
         hooks = self.telemetry.interceptors
         # With API keys, telemetry intercepts first, so it also sees the calls they refuse.
         # Without, it wraps the handlers at registration: an interceptor costs grpc.aio
@@ -241,7 +257,7 @@ class EmbeddingServer:
         self.grpc = grpc.aio.server(
             options=grpc_options(config), interceptors=[*hooks, *auth] if auth else []
         )
-        self.servicer = EmbeddingServicer(config.timing_metadata)
+        self.servicer = EmbeddingServicer(self.gate, config.timing_metadata)
         self.health = health.aio.HealthServicer()
         add_servicer(self.servicer, self.grpc, hooks[0].wrap if hooks and not auth else None)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -250,11 +266,14 @@ class EmbeddingServer:
         )
         address = f"{config.host}:{config.port}"
         credentials = _server_credentials(config)
-        self.port = (
-            self.grpc.add_secure_port(address, credentials)
-            if credentials is not None
-            else self.grpc.add_insecure_port(address)
-        )
+        try:
+            self.port = (
+                self.grpc.add_secure_port(address, credentials)
+                if credentials is not None
+                else self.grpc.add_insecure_port(address)
+            )
+        except RuntimeError as exc:
+            raise OSError(f"cannot serve gRPC on {address}: {exc}") from exc
         # Kubelet gRPC probes speak plaintext only; with TLS on, health gets its own port.
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
@@ -264,7 +283,27 @@ class EmbeddingServer:
             self.health_port = self._health_server.add_insecure_port(
                 f"{config.host}:{config.health_port}"
             )
+        self.http_api = HttpApi(
+            self.gate,
+            keys=keys,
+            max_request_bytes=config.max_request_bytes,
+            timing_headers=config.timing_metadata,
+            version=version(),
+        )
+        self.http: HttpServer | None = None
+        if config.http_port:
+            tls = (
+                TlsFiles(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file)
+                if config.tls_cert_file
+                else None
+            )
+            app = self.telemetry.http_app(self.http_api.app(), HttpApi.ROUTES)
+            self.http = HttpServer(app, config.host, config.http_port, tls)
         self._components: Components | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http is not None else 0
 
     async def start(self) -> None:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -273,14 +312,30 @@ class EmbeddingServer:
         await self.grpc.start()
         if self._health_server is not None:
             await self._health_server.start()
+        if self.http is not None:
+            await self.http.start()
         self.telemetry.start()  # /metrics answers while the engine loads (engine_up 0)
-        log.info("listening on %s:%d; loading %s", self.config.host, self.port, self.config.model)
+        log.info("loading %s", self.config.model)
         self._components = await build_components(self.config, self._engine_factory, self.telemetry)
         await warm_up(self._components.runtime)
-        self.servicer.attach(self._components.runtime)
+        engine = self._components.engine
+        self.gate.open(self._components.runtime, lambda: engine.alive)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s", self._components.runtime.info.model_name)
+        log.info("%s", self._ready_line(self._components.runtime.info.model_name))
+
+    def _ready_line(self, model: str) -> str:
+        """Once ready, one line that names every endpoint."""
+        host = self.config.host
+        parts = [f"gRPC {host}:{self.port}"]
+        if self.http is not None:
+            parts.append(f"HTTP {self.http.scheme}://{host}:{self.http.port}/v1")
+        if self.telemetry.metrics_port:
+            metrics_host = self.config.metrics_host or host
+            parts.append(f"metrics http://{metrics_host}:{self.telemetry.metrics_port}/metrics")
+        if self.health_port:
+            parts.append(f"health {host}:{self.health_port}")
+        return f"serving {model}: " + ", ".join(parts)
 
     async def watch_engine(self, interval_s: float = 1.0) -> str:
         """Return why, once the engine has died or a batch has hung past engine_timeout_s."""
@@ -298,25 +353,38 @@ class EmbeddingServer:
     async def fail(self, reason: str) -> None:
         """The engine is gone: stop advertising, answer everyone waiting with UNAVAILABLE."""
         log.error("engine failure: %s; exiting so the orchestrator restarts the process", reason)
+        self.gate.close(f"the engine failed ({reason})")
         for name in (*HEALTH_SERVICES, LIVENESS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._components is not None:
             self._components.batcher.fail_all(EngineUnavailableError(reason))
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish."""
+        """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish.
+
+        The HTTP port stays open to the end, answering /health and new calls with 503.
+        """
+        grace = self.config.grace_s if grace_s is None else grace_s
+        self.gate.close("the server is draining")
         await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(self.config.grace_s if grace_s is None else grace_s)
+        await asyncio.gather(self.grpc.stop(grace), self.http_api.drain(grace))
         if self._components is not None:
             await self._components.close()
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes exporters: may block
 
 
 async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engine) -> int:
-    """Run until SIGTERM/SIGINT (exit 0 after draining) or an engine failure (exit 1)."""
-    server = EmbeddingServer(config, engine_factory)
+    """Run until SIGTERM/SIGINT (exit 0 after draining), an engine failure or a failed start
+    (exit 1)."""
+    try:
+        server = EmbeddingServer(config, engine_factory)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -327,12 +395,20 @@ async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engi
     done, _ = await asyncio.wait(
         {starting, stopping, watching}, return_when=asyncio.FIRST_COMPLETED
     )
+    failed_start: BaseException | None = None
     if starting in done:
-        starting.result()  # a failed start ends the process with its error
-        done, _ = await asyncio.wait({stopping, watching}, return_when=asyncio.FIRST_COMPLETED)
+        failed_start = starting.exception()
+        if failed_start is None:
+            done, _ = await asyncio.wait({stopping, watching}, return_when=asyncio.FIRST_COMPLETED)
     for task in (starting, stopping, watching):
         task.cancel()
     await asyncio.gather(starting, stopping, watching, return_exceptions=True)
+    if failed_start is not None:
+        # One line that names the model and the cause; the traceback only at DEBUG.
+        log.error("cannot start: %s", failed_start)
+        log.debug("start-up failure", exc_info=failed_start)
+        await server.stop(grace_s=0)
+        return 1
     if watching in done:
         await server.fail(watching.result())
         await server.stop(grace_s=1.0)

@@ -67,6 +67,39 @@ class TextTokenizer:
     def special_count(self) -> int:
         return len(self._head) + len(self._tail)
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids below this are the tokenizer's (added tokens included)."""
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def from_ids(
+        self, inputs: Sequence[Sequence[int]], truncation: Truncation, field: str
+    ) -> list[TokenizedInput]:
+        """Token-id inputs, checked: non-empty, inside the vocabulary, within the window.
+
+        They are the model's input as given. Truncation keeps the special tokens the
+        tokenizer would have put at either end, where the input has them.
+        """
+        vocab = self.vocab_size
+        out = []
+        for i, given in enumerate(inputs):
+            name = f"{field}[{i}]"
+            ids = list(given)
+            if not ids:
+                raise InvalidInputError(name, "has no token ids")
+            if max(ids) >= vocab or min(ids) < 0:
+                bad = next(n for n, t in enumerate(ids) if not 0 <= t < vocab)
+                raise InvalidInputError(
+                    name,
+                    f"token id {ids[bad]} at position {bad} is outside the model's vocabulary "
+                    f"of {vocab} ids",
+                )
+            truncated = len(ids) > self.max_tokens
+            if truncated:
+                ids = self._truncate_ids(ids, truncation, name)
+            out.append(TokenizedInput(ids, truncated))
+        return out
+
     async def tokenize(
         self,
         texts: Sequence[str],
@@ -146,6 +179,16 @@ class TextTokenizer:
                 f"leaving no room under the limit of {self.max_tokens}",
             )
         return enc.ids[:n_prefix] + enc.ids[len(enc.ids) - (budget - n_prefix) :]
+
+    def _truncate_ids(self, ids: list[int], truncation: Truncation, name: str) -> list[int]:
+        if truncation is Truncation.REFUSE:
+            raise InputTooLongError(name, len(ids), self.max_tokens)
+        head = self._head if ids[: len(self._head)] == self._head else []
+        tail = self._tail if self._tail and ids[-len(self._tail) :] == self._tail else []
+        body = ids[len(head) : len(ids) - len(tail)]
+        keep = self.max_tokens - len(head) - len(tail)
+        body = body[:keep] if truncation is Truncation.END else body[len(body) - keep :]
+        return head + body + tail
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

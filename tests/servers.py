@@ -33,9 +33,15 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
 
 @dataclass
 class ServerProcess:
-    address: str
+    address: str  # gRPC host:port
     process: subprocess.Popen[bytes]
     log_path: Path
+    http_port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        """The HTTP face's OpenAI base URL."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace").splitlines()
@@ -55,8 +61,9 @@ class ServerProcess:
 def start_server(
     args: Sequence[str], log_path: Path, env: dict[str, str] | None = None, wait_s: float = 300
 ) -> ServerProcess:
-    port = free_port()
-    cmd = [sys.executable, "-m", "service", "--port", str(port), *args]
+    port, http_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "service", "--port", str(port), "--http-port", str(http_port)]
+    cmd += args
     log = log_path.open("wb")
     process = subprocess.Popen(
         cmd,
@@ -65,7 +72,7 @@ def start_server(
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
-    server = ServerProcess(f"127.0.0.1:{port}", process, log_path)
+    server = ServerProcess(f"127.0.0.1:{port}", process, log_path, http_port)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,30 +1,40 @@
-"""Check requests and turn wire options into an EmbedSpec; errors name the field and the limit."""
+"""Request checks shared by both faces; errors name the field, the index and the limit.
+
+Each face turns its wire form into the plain values here (RequestOptions, lists of texts or
+token ids) and calls the same checks, so a request means the same thing, and fails the same
+way, whether it came over gRPC or HTTP. Only the field names differ: the caller's own
+("inputs[3]" and "options.dimensions" on gRPC, "input[3]" and "dimensions" on HTTP).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from embedding.v1 import embedding_pb2 as pb
-from service.errors import InvalidInputError
+from service.errors import TOO_MANY_INPUTS, InvalidInputError
 from service.model_card import ModelCard
 from service.pipeline import EmbedSpec
 from service.postprocess import Encoding
 from service.tokenization import Truncation
 
-_TRUNCATION = {
-    pb.TRUNCATE_UNSPECIFIED: Truncation.REFUSE,
-    pb.TRUNCATE_REFUSE: Truncation.REFUSE,
-    pb.TRUNCATE_END: Truncation.END,
-    pb.TRUNCATE_START: Truncation.START,
-}
-_ENCODING = {
-    pb.ENCODING_UNSPECIFIED: Encoding.FLOAT32,
-    pb.ENCODING_FLOAT32: Encoding.FLOAT32,
-    pb.ENCODING_FLOAT16: Encoding.FLOAT16,
-    pb.ENCODING_INT8: Encoding.INT8,
-    pb.ENCODING_BINARY: Encoding.BINARY,
-}
+_TRUNCATION = {"": Truncation.REFUSE, **{t.value: t for t in Truncation}}
+_ENCODING = {"": Encoding.FLOAT32, **{e.value: e for e in Encoding}}
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Embedding options as a face received them, not yet checked.
+
+    `truncate` and `encoding` are names ("end", "int8"); empty means the default, and so
+    does `dimensions` None (the native size).
+    """
+
+    instruction: str = ""
+    prompt_name: str = ""
+    dimensions: int | None = None
+    normalize: bool | None = None
+    truncate: str = ""
+    encoding: str = ""
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,10 @@ class RequestLimits:
     max_input_chars: int
     min_dimensions: int
     dimension: int
+
+
+def field_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 class RequestValidator:
@@ -44,15 +58,19 @@ class RequestValidator:
     def max_inputs(self) -> int:
         return self._limits.max_inputs
 
-    def texts(self, texts: Sequence[str], field: str, allow_empty_list: bool = False) -> None:
-        """The list itself and each text: count, emptiness, characters."""
+    def count(self, n: int, field: str, what: str = "texts") -> None:
+        """The number of inputs of one request."""
+        if n == 0:
+            raise InvalidInputError(field, f"at least one input is required (got no {what})")
         limit = self._limits.max_inputs
-        if not texts and not allow_empty_list:
-            raise InvalidInputError(field, "at least one text is required")
-        if len(texts) > limit:
+        if n > limit:
             raise InvalidInputError(
-                field, f"{len(texts)} texts exceed the limit of {limit} per request"
+                field, f"{n} {what} exceed the limit of {limit} per request", TOO_MANY_INPUTS
             )
+
+    def texts(self, texts: Sequence[str], field: str) -> None:
+        """The list itself and each text: count, emptiness, characters."""
+        self.count(len(texts), field)
         for i, text in enumerate(texts):
             self.text(text, f"{field}[{i}]")
 
@@ -65,24 +83,48 @@ class RequestValidator:
                 f"{len(text)} characters exceed the limit of {self._limits.max_input_chars}",
             )
 
-    def options(self, opts: pb.EmbedOptions, field: str = "options") -> EmbedSpec:
+    def options(
+        self, opts: RequestOptions, prefix: str = "options", token_inputs: bool = False
+    ) -> EmbedSpec:
+        """`prefix` names the options in errors ("options" on gRPC, "" where they are
+        top-level fields). Token inputs are the model's input as given, so nothing may be
+        laid before them."""
         truncation = _TRUNCATION.get(opts.truncate)
         if truncation is None:
-            raise InvalidInputError(f"{field}.truncate", f"unknown value {opts.truncate}")
+            raise InvalidInputError(
+                field_name(prefix, "truncate"),
+                f"unknown value {opts.truncate!r} (one of refuse, end, start)",
+            )
         encoding = _ENCODING.get(opts.encoding)
         if encoding is None:
-            raise InvalidInputError(f"{field}.encoding", f"unknown value {opts.encoding}")
+            names = ", ".join(e.value for e in Encoding)
+            raise InvalidInputError(
+                field_name(prefix, "encoding"), f"unknown value {opts.encoding!r} (one of {names})"
+            )
+        if token_inputs:
+            for name in ("instruction", "prompt_name"):
+                if getattr(opts, name):
+                    raise InvalidInputError(
+                        field_name(prefix, name),
+                        "does not apply to token-id inputs, which are the model's input as "
+                        "given; send text to have it laid out",
+                    )
         return EmbedSpec(
-            prefix=self._prefix(opts, field),
-            dimensions=self._dimensions(opts.dimensions, f"{field}.dimensions"),
-            normalize=opts.normalize if opts.HasField("normalize") else True,
+            prefix="" if token_inputs else self._prefix(opts, prefix),
+            dimensions=self._dimensions(opts.dimensions, field_name(prefix, "dimensions")),
+            normalize=True if opts.normalize is None else opts.normalize,
             truncation=truncation,
             encoding=encoding,
         )
 
-    def _dimensions(self, asked: int, field: str) -> int:
+    @property
+    def query_prompt_name(self) -> str:
+        """The model's prompt for queries ("query"), or "" when it has none."""
+        return "query" if "query" in self._card.prompts else ""
+
+    def _dimensions(self, asked: int | None, field: str) -> int:
         low, native = self._limits.min_dimensions, self._limits.dimension
-        if asked == 0:
+        if asked is None:
             return native
         if not low <= asked <= native:
             raise InvalidInputError(
@@ -90,17 +132,17 @@ class RequestValidator:
             )
         return asked
 
-    def _prefix(self, opts: pb.EmbedOptions, field: str) -> str:
+    def _prefix(self, opts: RequestOptions, prefix: str) -> str:
         card = self._card
         if opts.instruction and opts.prompt_name:
             raise InvalidInputError(
-                f"{field}.instruction",
+                field_name(prefix, "instruction"),
                 "instruction and prompt_name are exclusive; set only one",
             )
         if opts.instruction:
             if not card.instruction_template:
                 raise InvalidInputError(
-                    f"{field}.instruction",
+                    field_name(prefix, "instruction"),
                     f"model {card.name!r} has no instruction format; use prompt_name "
                     "or start the server with --instruction-template",
                 )
@@ -111,6 +153,6 @@ class RequestValidator:
         if name not in card.prompts:
             known = ", ".join(sorted(card.prompts)) or "none"
             raise InvalidInputError(
-                f"{field}.prompt_name", f"model has no prompt {name!r} (known: {known})"
+                field_name(prefix, "prompt_name"), f"model has no prompt {name!r} (known: {known})"
             )
         return card.prompts[name]

@@ -51,6 +51,7 @@ class VllmSettings:
     max_num_seqs: int
     enforce_eager: bool
     prefix_caching: bool = True  # False: off; True: vLLM's choice for the model
+    progress_bars: bool = True  # vLLM's checkpoint-loading bars
 
 
 def _resolve_dtype(dtype: str) -> str:
@@ -135,6 +136,7 @@ class VllmEngine:
             skip_tokenizer_init=True,
             # Sequences of a batch with unary calls in it overtake queued stream sequences.
             scheduling_policy="priority",
+            use_tqdm_on_load=settings.progress_bars,
         )
         vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
         # As AsyncLLM does: model configs from custom code must reach the engine process.
@@ -154,7 +156,7 @@ class VllmEngine:
             dtype=str(model.dtype).removeprefix("torch."),
             pooling=str(getattr(model.pooler_config, "seq_pooling_type", "") or ""),
         )
-        log.info("vLLM engine loaded: %s", info)
+        log.debug("vLLM engine loaded: %s", info)
         return cls(core, info, params)
 
     async def embed(

@@ -75,6 +75,11 @@ class Instruments:
             "Duration of gRPC calls handled, by method and status code",
             CALL_BUCKETS_S,
         )
+        self.http_duration = histogram(
+            names.HTTP_DURATION,
+            "Duration of HTTP requests handled, by method, route and status code",
+            CALL_BUCKETS_S,
+        )
         self.batch_items = histogram(
             names.BATCH_ITEMS, "Inputs per batch sent to the engine", BATCH_ITEM_BUCKETS
         )

@@ -17,6 +17,8 @@ QUEUE_TOKENS_METRIC = "embedding_queue_tokens"
 # --- Metric instruments: (OpenTelemetry name, unit) --------------------------------------
 # OpenTelemetry semantic conventions: the current RPC server duration, in seconds.
 RPC_DURATION: Final = ("rpc.server.call.duration", "s")
+# And the HTTP server request duration, in seconds.
+HTTP_DURATION: Final = ("http.server.request.duration", "s")
 QUEUE_ITEMS: Final = ("embedding.queue.items", "{item}")
 QUEUE_TOKENS: Final = ("embedding.queue.tokens", "{token}")
 BATCHES_INFLIGHT: Final = ("embedding.batches.inflight", "{batch}")
@@ -37,6 +39,12 @@ RPC_SERVICE = "rpc.service"
 RPC_METHOD = "rpc.method"
 RPC_STATUS_CODE = "rpc.grpc.status_code"
 ERROR_TYPE = "error.type"
+HTTP_METHOD = "http.request.method"
+HTTP_ROUTE = "http.route"
+HTTP_STATUS_CODE = "http.response.status_code"
+URL_PATH = "url.path"
+URL_SCHEME = "url.scheme"
+NETWORK_PROTOCOL_VERSION = "network.protocol.version"
 PRIORITY = "embedding.priority"
 INPUT_COUNT = "embedding.input_count"
 TOKEN_COUNT = "embedding.token_count"

@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.metrics import NoOpMeterProvider
@@ -30,6 +29,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry, start_http_server
 
+from service import version
 from service.config import ServiceConfig
 from service.telemetry import names
 from service.telemetry.batches import BatchTelemetry
@@ -38,6 +38,7 @@ from service.telemetry.histograms import (
     PeriodicExportingReader,
     PrometheusReader,
 )
+from service.telemetry.http import App, HttpTelemetry
 from service.telemetry.interceptor import TelemetryInterceptor
 from service.telemetry.metrics import EngineSource, Instruments, QueueSource
 from service.telemetry.stages import PipelineTelemetry
@@ -45,13 +46,6 @@ from service.telemetry.stages import PipelineTelemetry
 log = logging.getLogger(__name__)
 
 DEFAULT_SERVICE_NAME = "embedding-service"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("embedding-service")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class MetricsEndpoint:
@@ -77,7 +71,7 @@ class MetricsEndpoint:
             self.port = 0
             return
         self.port = int(self._server.server_port)  # the real one when 0 was asked for
-        log.info("serving Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
+        log.debug("serving Prometheus metrics on http://%s:%d/metrics", self.host, self.port)
 
     def stop(self) -> None:
         if self._server is not None:
@@ -101,7 +95,7 @@ class Telemetry:
     ) -> None:
         """`metric_readers` get the SDK's instruments and the service's histograms; with
         none, metrics are recorded and dropped."""
-        version = _version()
+        service_version = version()
         self.tracer_provider = tracer_provider
         self.meter_provider: SdkMeterProvider | None = (
             SdkMeterProvider(resource=resource, metric_readers=metric_readers)
@@ -111,21 +105,30 @@ class Telemetry:
         self.metrics_endpoint = metrics_endpoint
         self._owns_providers = owns_providers
         tracer = (
-            tracer_provider.get_tracer(names.INSTRUMENTATION_SCOPE, version)
+            tracer_provider.get_tracer(names.INSTRUMENTATION_SCOPE, service_version)
             if tracer_provider is not None and enabled
             else None
         )
         meter = (self.meter_provider or NoOpMeterProvider()).get_meter(
-            names.INSTRUMENTATION_SCOPE, version
+            names.INSTRUMENTATION_SCOPE, service_version
         )
         self.instruments = Instruments(
-            meter, InstrumentationScope(names.INSTRUMENTATION_SCOPE, version)
+            meter, InstrumentationScope(names.INSTRUMENTATION_SCOPE, service_version)
         )
         for reader in metric_readers:
             reader.attach(self.instruments.histograms)
         self.batch_observer = BatchTelemetry(self.instruments, tracer) if enabled else None
         self.stages = PipelineTelemetry(self.instruments, tracer) if enabled else None
         self.interceptors = [TelemetryInterceptor(self.instruments, tracer)] if enabled else []
+        self._enabled = enabled
+        self._tracer = tracer
+
+    def http_app(self, app: App, routes: frozenset[str]) -> App:
+        """The HTTP face's ASGI app, with a span, a duration record and log lines per request
+        (`routes`: the paths recorded by name; any other is recorded as "other")."""
+        if not self._enabled:
+            return app
+        return HttpTelemetry(app, self.instruments, self._tracer, routes)
 
     @classmethod
     def disabled(cls) -> Telemetry:
@@ -165,7 +168,8 @@ class Telemetry:
             # in one process, and would also expose prometheus_client's process metrics.
             registry = CollectorRegistry()
             readers.append(PrometheusReader(registry=registry))
-            endpoint = MetricsEndpoint(config.metrics_host, config.metrics_port, registry)
+            host = config.metrics_host or config.host
+            endpoint = MetricsEndpoint(host, config.metrics_port, registry)
         if _otlp_wanted(env, "METRICS"):
             readers.append(PeriodicExportingReader(_otlp_metric_exporter(env)))
         return cls(
@@ -202,7 +206,7 @@ class Telemetry:
 
 def _resource() -> Resource:
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; a name set there wins.
-    resource = Resource.create({SERVICE_VERSION: _version()})
+    resource = Resource.create({SERVICE_VERSION: version()})
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     return resource

@@ -114,6 +114,9 @@ def test_server_listens_on_all_interfaces_on_the_declared_ports(
     declared = [int(p["containerPort"]) for p in container["ports"]]
     assert len(declared) == len(set(declared))
     assert cfg.metrics_port == container_port(container, "metrics")
+    assert cfg.http_port == container_port(container, "http")
+    # /metrics must be reachable from a scraper in another pod whatever EMBED_HOST says.
+    assert cfg.metrics_host == "0.0.0.0"
 
 
 @serving
@@ -204,7 +207,7 @@ def test_selectors_match_the_pod_labels(rendered: dict[str, list[Obj]], variant:
 
 
 @serving
-def test_services_name_container_ports_and_say_grpc(
+def test_services_name_container_ports_and_say_grpc_and_http(
     rendered: dict[str, list[Obj]], variant: str
 ) -> None:
     container = server(rendered, variant)
@@ -222,10 +225,12 @@ def test_services_name_container_ports_and_say_grpc(
             number = container_port(container, target) if isinstance(target, str) else target
             assert number in {p["containerPort"] for p in container["ports"]}
             targets.add(number)
-            if port["name"] == "grpc":
-                assert port["appProtocol"] == "grpc"
-                assert number == container_port(container, "grpc")
+            if port["name"] in ("grpc", "http"):
+                assert port["appProtocol"] == port["name"]
+                assert number == container_port(container, port["name"])
+        # Both faces through both Services.
         assert container_port(container, "grpc") in targets
+        assert container_port(container, "http") in targets
         # The health port is for the kubelet only.
         assert container_port(container, "health") not in targets
 

@@ -36,7 +36,9 @@ from tests.servers import free_port, health_status, start_server
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Flags that say where to listen: replaced for a run on loopback.
-ADDRESS_FLAGS = {"--host", "--port", "--health-port", "--metrics-host", "--metrics-port"}
+ADDRESS_FLAGS = {
+    *("--host", "--port", "--http-port", "--health-port", "--metrics-host", "--metrics-port"),
+}
 # A bulk stream that keeps the drain busy for a few seconds on two CPU cores.
 STREAM_ITEMS = 300
 STREAM_TEXT = "Kubernetes drains a pod: endpoints go first, then SIGTERM, then SIGKILL. " * 3

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -77,6 +78,23 @@ def test_flood_gets_answers_or_resource_exhausted(
     )
     for c in clients:
         c.close()
+
+
+def test_http_flood_gets_answers_or_429(small_queue_server: ServerProcess) -> None:
+    url = f"{small_queue_server.base_url}/embeddings"
+    body = {"input": [f"{TEXTS[i % len(TEXTS)]} http flood {i}" for i in range(32)]}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(url, json=body, timeout=120)
+
+    with ThreadPoolExecutor(48) as pool:
+        replies = list(pool.map(post, range(96)))
+    statuses = {r.status_code for r in replies}
+    assert statuses == {200, 429}, statuses
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert httpx.post(url, json={"input": "after the flood"}, timeout=60).status_code == 200
 
 
 def test_unary_calls_overtake_a_saturating_stream(small_queue_server: ServerProcess) -> None:
@@ -154,12 +172,20 @@ def test_sigterm_drains_without_losing_accepted_work(small_queue_server: ServerP
         status = health_status(f"127.0.0.1:{HEALTH_PORT}")
         with pytest.raises(grpc.RpcError) as refused:
             EmbeddingClient(small_queue_server.address, service_config={}).embed(["new call"])
+        # The HTTP face stays up through the drain, saying it is not serving.
+        http_health = httpx.get(f"http://127.0.0.1:{small_queue_server.http_port}/health")
+        http_refused = httpx.post(
+            f"{small_queue_server.base_url}/embeddings", json={"input": "new call"}, timeout=10
+        )
         results.extend(stream)
     code = small_queue_server.process.wait(60)
     elapsed = time.monotonic() - started
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
     assert isinstance(refused.value, grpc.Call)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert http_health.status_code == 503
+    assert http_refused.status_code == 503 and "draining" in http_refused.json()["error"]["message"]
+    assert int(http_refused.headers["retry-after"]) >= 1
     assert sorted(r.id for r in results) == sorted(i for i, _ in items)
     assert all(r.ok for r in results)
     assert code == 0 and elapsed < 30 + 20
@@ -193,16 +219,20 @@ def test_engine_death_answers_unavailable_and_exits_nonzero(
                 assert isinstance(err, grpc.Call)
                 codes.add(err.code().name)
             deadline = time.monotonic() + 30
+            http_statuses: set[int] = set()
             while server.process.poll() is None and time.monotonic() < deadline:
                 try:
                     status = health_status(server.address)
                     seen_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
-                except grpc.RpcError:
+                    reply = httpx.get(f"http://127.0.0.1:{server.http_port}/health", timeout=2)
+                    http_statuses.add(reply.status_code)
+                except (grpc.RpcError, httpx.HTTPError):
                     pass
                 time.sleep(0.1)
         assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE"}, codes
         assert server.process.wait(30) == 1
         assert seen_not_serving or "engine failure" in server.log_path.read_text()
+        assert 200 not in http_statuses, "HTTP /health never says serving once the engine died"
     finally:
         server.stop()
 

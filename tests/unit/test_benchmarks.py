@@ -38,7 +38,7 @@ def test_corpus_round_trips_through_json(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def null_server() -> AsyncIterator[EmbeddingServer]:
-    server = EmbeddingServer(ServiceConfig(port=0, engine="null", metrics_port=0))
+    server = EmbeddingServer(ServiceConfig(port=0, http_port=0, engine="null", metrics_port=0))
     await server.start()
     yield server
     await server.stop(grace_s=1)

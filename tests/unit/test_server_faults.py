@@ -18,6 +18,7 @@ from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.config import ServiceConfig
 from service.server import EmbeddingServer
 from tests.fakes import FakeEngine, factory
+from tests.servers import free_port
 
 ServerMaker = Callable[..., Awaitable[tuple[EmbeddingServer, FakeEngine]]]
 
@@ -30,6 +31,7 @@ async def make_server() -> AsyncIterator[ServerMaker]:
         engine: FakeEngine | None = None, **settings: Any
     ) -> tuple[EmbeddingServer, FakeEngine]:
         engine = engine or FakeEngine()
+        settings.setdefault("http_port", free_port())
         config = ServiceConfig(port=0, grace_s=1.0, **settings)
         server = EmbeddingServer(config, factory(engine))  # type: ignore[arg-type]
         await server.start()

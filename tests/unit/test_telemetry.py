@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedding.v1 import embedding_pb2 as pb
-from service.api.servicer import timing_metadata
+from service.api.grpc.wire import timing_metadata
 from service.batching import Batcher, BatcherLimits, DeadlineExpiredError, Priority, QueueFullError
 from service.config import ServiceConfig, load_config
 from service.engines.base import EngineInfo
@@ -293,7 +293,7 @@ def test_from_config_exports_nothing_without_an_endpoint() -> None:
     t = Telemetry.from_config(ServiceConfig(), environ={})
     assert t.tracer_provider is None, "no exporter: no tracer, nothing created per call"
     assert t.metrics_endpoint is not None and t.metrics_endpoint.port == 9464
-    assert t.metrics_endpoint.host == "0.0.0.0"
+    assert t.metrics_endpoint.host == "127.0.0.1", "follows --host"
     t.shutdown()
     t = Telemetry.from_config(ServiceConfig(metrics_port=0), environ={})
     assert t.meter_provider is None and t.metrics_port == 0
@@ -319,6 +319,13 @@ def test_from_config_exports_traces_over_otlp_when_asked(protocol: str, module: 
     t.shutdown()  # no spans: nothing to send to the closed port
 
 
+def test_metrics_follow_the_service_address_unless_told_otherwise() -> None:
+    follows = Telemetry.from_config(ServiceConfig(host="127.0.0.1"), environ={})
+    assert follows.metrics_endpoint is not None and follows.metrics_endpoint.host == "127.0.0.1"
+    told = Telemetry.from_config(ServiceConfig(metrics_host="0.0.0.0"), environ={})
+    assert told.metrics_endpoint is not None and told.metrics_endpoint.host == "0.0.0.0"
+
+
 def test_sdk_disabled_turns_exporters_off() -> None:
     env = {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}
     t = Telemetry.from_config(ServiceConfig(), environ=env)
@@ -331,7 +338,7 @@ def test_telemetry_settings_are_flags_and_variables() -> None:
     assert (config.metrics_port, config.metrics_host) == (9000, "127.0.0.1")
     assert (config.log_format, config.engine) == ("json", "null")
     defaults = ServiceConfig()
-    assert (defaults.metrics_port, defaults.metrics_host) == (9464, "0.0.0.0")
+    assert (defaults.metrics_port, defaults.metrics_host) == (9464, "")
     assert (defaults.log_format, defaults.engine) == ("text", "vllm")
     with pytest.raises(ValueError):
         ServiceConfig(log_format="yaml")

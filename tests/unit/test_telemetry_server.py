@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -135,6 +136,7 @@ async def make() -> AsyncIterator[Maker]:
         telemetry = telemetry or Telemetry(tracer_provider=tracer_provider, metric_readers=[reader])
         engine = GatedEngine()
         settings = {"metrics_port": 0, **settings}
+        settings.setdefault("http_port", free_port())
         config = ServiceConfig(port=0, grace_s=1.0, **settings)
 
         def factory(config: ServiceConfig, path: Path, name: str) -> GatedEngine:
@@ -486,3 +488,53 @@ async def test_cancelled_stream_is_recorded_and_its_context_detached(
     span = only(h.finished(STREAM))
     assert status_code(span) == grpc.StatusCode.CANCELLED.value[0]
     assert not [r for r in caplog.records if "detach" in r.getMessage().lower()]
+
+
+async def test_http_request_span_tree_metric_and_logs(
+    make: Maker, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await make()
+    base = f"http://127.0.0.1:{h.server.http_port}"
+    with caplog.at_level(logging.DEBUG, logger="service.http"):
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            ok = await http.post(
+                "/v1/embeddings",
+                json={"input": ["hello world", "second text"]},
+                headers={"traceparent": TRACEPARENT},
+            )
+            bad = await http.post("/v1/embeddings", json={"input": "x", "dimensions": 7})
+            await http.get("/health")  # neither traced nor measured
+        await until(lambda: len(h.finished("POST /v1/embeddings")) == 2, "server spans ended")
+    assert ok.status_code == 200 and bad.status_code == 400
+    for header in (names.TOTAL_TIME_HEADER, names.QUEUE_TIME_HEADER):
+        assert float(ok.headers[header]) >= 0
+
+    spans = sorted(h.finished("POST /v1/embeddings"), key=lambda s: s.start_time or 0)
+    server, refused = spans
+    assert server.kind is SpanKind.SERVER
+    assert server.context.trace_id == TRACE_ID and server.parent is not None
+    assert server.parent.span_id == PARENT_SPAN_ID
+    assert server.attributes is not None
+    assert server.attributes[names.HTTP_ROUTE] == "/v1/embeddings"
+    assert server.attributes[names.HTTP_METHOD] == "POST"
+    assert server.attributes[names.HTTP_STATUS_CODE] == 200
+    assert server.attributes[names.INPUT_COUNT] == 2
+    assert refused.attributes is not None and refused.attributes[names.HTTP_STATUS_CODE] == 400
+    assert refused.status.status_code is StatusCode.UNSET, "a 4xx is the caller's mistake"
+    stages = [names.SPAN_TOKENIZE, names.SPAN_QUEUE, names.SPAN_ENGINE, names.SPAN_POSTPROCESS]
+    for name in stages:
+        child = only(h.finished(name))
+        assert child.parent is not None and child.parent.span_id == server.context.span_id
+    batch = only(h.finished(names.SPAN_BATCH))
+    assert [link.context.span_id for link in batch.links] == [server.context.span_id]
+    assert not [s for s in h.spans.get_finished_spans() if "health" in s.name]
+
+    duration = names.HTTP_DURATION[0]
+    assert h.value(duration, **{names.HTTP_STATUS_CODE: 200, names.HTTP_ROUTE: "/v1/embeddings"})
+    assert h.value(duration, **{names.HTTP_STATUS_CODE: 400}) == 1
+    assert not h.value(duration, **{names.HTTP_ROUTE: "/health"})
+
+    lines = [r for r in caplog.records if r.name == "service.http"]
+    assert [r.levelname for r in lines] == ["DEBUG", "WARNING"]
+    assert getattr(lines[0], "trace_id", "") == f"{TRACE_ID:032x}"
+    assert "dimensions" in lines[1].getMessage() and "range" in lines[1].getMessage()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import grpc.aio
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -79,7 +81,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 async def _start(**settings: object) -> EmbeddingServer:
-    config = ServiceConfig(port=0, grace_s=0.5, **settings)  # type: ignore[arg-type]
+    config = ServiceConfig(port=0, grace_s=0.5, http_port=free_port(), **settings)  # type: ignore[arg-type]
     server = EmbeddingServer(config, factory(FakeEngine()))  # type: ignore[arg-type]
     await server.start()
     return server
@@ -103,6 +105,28 @@ async def _embed(port: int, credentials: grpc.ChannelCredentials | None) -> str:
     return "OK"
 
 
+async def _http_embed(
+    port: int, ca: Path | None, client_cert: tuple[Path, Path] | None = None
+) -> str:
+    """POST /v1/embeddings over https (ca given) or plain http; the outcome's name."""
+    verify: ssl.SSLContext | bool = False
+    if ca is not None:
+        verify = ssl.create_default_context(cafile=str(ca))
+        if client_cert is not None:
+            verify.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+    scheme = "https" if ca is not None else "http"
+    async with httpx.AsyncClient(verify=verify, timeout=5) as http:
+        try:
+            reply = await http.post(
+                f"{scheme}://localhost:{port}/v1/embeddings", json={"input": "hello"}
+            )
+        except httpx.HTTPError as err:
+            return type(err).__name__
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["data"]) == 1
+    return "OK"
+
+
 @pytest.fixture
 async def servers() -> AsyncIterator[list[EmbeddingServer]]:
     started: list[EmbeddingServer] = []
@@ -119,6 +143,9 @@ async def test_tls(pki: dict[str, Path], servers: list[EmbeddingServer]) -> None
     trusted = grpc.ssl_channel_credentials(root_certificates=pki["ca.pem"].read_bytes())
     assert await _embed(server.port, trusted) == "OK"
     assert await _embed(server.port, None) == "UNAVAILABLE"  # plaintext against TLS
+    # The HTTP face shares the certificate.
+    assert await _http_embed(server.http_port, pki["ca.pem"]) == "OK"
+    assert await _http_embed(server.http_port, None) != "OK"
 
 
 async def test_mutual_tls_and_plaintext_health_port(
@@ -140,6 +167,9 @@ async def test_mutual_tls_and_plaintext_health_port(
     )
     assert await _embed(server.port, anonymous) == "UNAVAILABLE"
     assert await _embed(server.port, with_cert) == "OK"
+    client = (pki["client.pem"], pki["client.key"])
+    assert await _http_embed(server.http_port, pki["ca.pem"]) != "OK"
+    assert await _http_embed(server.http_port, pki["ca.pem"], client) == "OK"
     # Kubelet probes: plaintext, no client certificate.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(

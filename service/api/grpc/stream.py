@@ -1,0 +1,266 @@
+"""One EmbedStream call: items read as the server can take them, results sent as they finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+
+from embedding.v1 import embedding_pb2 as pb
+from service.api.grpc import wire
+from service.api.grpc.status import to_status
+from service.api.runtime import Runtime
+from service.errors import InvalidInputError
+from service.pipeline import EmbedOutcome, EmbedSpec
+
+
+class Undecodable:
+    """Stands in for a request protobuf could not parse (for example invalid UTF-8).
+
+    grpc would answer such a request with a bare INTERNAL/UNKNOWN before any handler runs;
+    deferring the failure lets the handler answer INVALID_ARGUMENT (or, in a stream, fail
+    just that item).
+    """
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+    def invalid(self, field: str) -> InvalidInputError:
+        return InvalidInputError(field, f"not a valid message: {self.error}")
+
+
+# A stream's items go to the pipeline in groups: tokenizing, post-processing and encoding
+# once per group costs a fraction of doing it per item. A group is what arrived within
+# _GROUP_WAIT_S of its first item, at most _GROUP_ITEMS.
+_GROUP_ITEMS = 256
+_GROUP_WAIT_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One item read from a stream: a whole single-item message, or one of its `items`."""
+
+    id: str
+    input: str
+    options: pb.EmbedOptions
+    batched: bool  # came in `items`, so it is answered in a response's `results`
+
+
+# (response, stream slots it frees, item ids it takes out of flight)
+_Reply = tuple[pb.EmbedStreamResponse, int, Sequence[str]]
+
+
+class StreamSession:
+    """One EmbedStream call: a reader feeds items in, results go out as they finish.
+
+    At most `stream_max_inflight` items are read but not yet answered. The reader stops
+    pulling requests when that many are out, so a client that sends faster than the engine
+    works, or stops reading its results, is slowed by HTTP/2 flow control instead of making
+    the server buffer.
+    """
+
+    def __init__(self, rt: Runtime, deadline: float | None) -> None:
+        self._rt = rt
+        self._deadline = deadline
+        self._slots = asyncio.Semaphore(rt.limits.stream_max_inflight)
+        # A message never needs more slots than exist, or its reader would wait forever.
+        self._max_items = min(rt.validator.max_inputs, rt.limits.stream_max_inflight)
+        self._results: asyncio.Queue[_Reply | None] = asyncio.Queue()
+        self._inflight_ids: set[str] = set()
+        self._pending: list[_Item] = []  # read, not yet in a group
+        self._arrived = asyncio.Event()
+        self._reading = True
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(
+        self, requests: AsyncIterator[pb.EmbedStreamRequest]
+    ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        grouper = asyncio.create_task(self._group())
+        try:
+            while (reply := await self._results.get()) is not None:
+                response, slots, ids = reply
+                yield response
+                self._inflight_ids.difference_update(ids)
+                for _ in range(slots):
+                    self._slots.release()
+            await reader  # re-raise a failure of the request stream itself
+        finally:
+            for task in (reader, grouper, *self._tasks):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reader, grouper, *self._tasks, return_exceptions=True)
+
+    async def _read(self, requests: AsyncIterator[pb.EmbedStreamRequest]) -> None:
+        try:
+            async for request in requests:
+                if isinstance(request, Undecodable):
+                    # No id can be read from it; answer with an empty id and go on.
+                    await self._slots.acquire()
+                    error = to_status(request.invalid("request"))
+                    self._results.put_nowait((pb.EmbedStreamResponse(error=error), 1, ()))
+                elif request.items:
+                    await self._read_items(request)
+                else:
+                    await self._slots.acquire()
+                    item = _Item(request.id, request.input, request.options, False)
+                    if self._accept(item):
+                        self._arrived.set()
+                    else:
+                        response = pb.EmbedStreamResponse(id=item.id, error=_duplicate(item.id))
+                        self._results.put_nowait((response, 1, ()))
+        finally:
+            self._reading = False
+            self._arrived.set()
+
+    async def _read_items(self, request: pb.EmbedStreamRequest) -> None:
+        items = request.items
+        refusal = None
+        if request.id or request.input:
+            refusal = "set either items or id and input, not both"
+        elif len(items) > self._max_items:
+            refusal = f"{len(items)} items exceed the limit of {self._max_items} per message"
+        if refusal is not None:
+            # Like an undecodable message: one error with no id, and the stream goes on.
+            await self._slots.acquire()
+            error = to_status(InvalidInputError("items", f"{refusal} (first id {items[0].id!r})"))
+            self._results.put_nowait((pb.EmbedStreamResponse(error=error), 1, ()))
+            return
+        for _ in range(len(items)):
+            await self._slots.acquire()
+        duplicates = []
+        for it in items:
+            if not self._accept(_Item(it.id, it.input, request.options, True)):
+                duplicates.append(pb.StreamItemResult(id=it.id, error=_duplicate(it.id)))
+        if duplicates:
+            response = pb.EmbedStreamResponse(results=duplicates)
+            self._results.put_nowait((response, len(duplicates), ()))
+        self._arrived.set()
+
+    def _accept(self, item: _Item) -> bool:
+        """Queue the item for a group, unless its id is in flight (then only it is refused)."""
+        if item.id in self._inflight_ids:
+            return False
+        self._inflight_ids.add(item.id)
+        self._pending.append(item)
+        return True
+
+    async def _group(self) -> None:
+        """Hands read items to the pipeline a group at a time; ends the results when done."""
+        while True:
+            if not self._pending:
+                if not self._reading:
+                    break
+                # Cleared right before waiting, with the state checked and no await between.
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if self._reading and len(self._pending) < _GROUP_ITEMS:
+                await asyncio.sleep(_GROUP_WAIT_S)  # let the rest of a burst arrive
+            group = self._pending[:_GROUP_ITEMS]
+            del self._pending[:_GROUP_ITEMS]
+            task = asyncio.create_task(self._items(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+        self._results.put_nowait(None)
+
+    async def _items(self, group: list[_Item]) -> None:
+        started = time.perf_counter()
+        rt = self._rt
+        answers = _Answers(started)
+        specs: dict[int, EmbedSpec] = {}  # the items of one message share its options
+        by_spec: dict[EmbedSpec, list[_Item]] = {}
+        for item in group:
+            try:
+                rt.validator.text(item.input, "input")  # the result's id names the item
+                spec = specs.get(id(item.options))
+                if spec is None:
+                    spec = specs[id(item.options)] = rt.validator.options(
+                        wire.request_options(item.options)
+                    )
+            except Exception as exc:
+                answers.error(item, exc)
+                continue
+            by_spec.setdefault(spec, []).append(item)
+        await asyncio.gather(
+            *(self._embed(spec, items, answers) for spec, items in by_spec.items())
+        )
+        for reply in answers.replies():
+            self._results.put_nowait(reply)
+
+    async def _embed(self, spec: EmbedSpec, items: list[_Item], answers: _Answers) -> None:
+        """Items with the same options: one pipeline call, one encoding pass."""
+        texts = [item.input for item in items]
+        try:
+            outcomes = await self._rt.embedder.embed_bulk(texts, spec, "input", self._deadline)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            outcomes = [exc] * len(items)
+        good = [
+            (item, o)
+            for item, o in zip(items, outcomes, strict=True)
+            if not isinstance(o, Exception)
+        ]
+        if good:
+            merged = EmbedOutcome(
+                vectors=np.concatenate([o.vectors for _, o in good]),
+                inputs=[o.inputs[0] for _, o in good],
+                timing=good[0][1].timing,
+            )
+            for (item, ok), embedding in zip(good, wire.embeddings(merged, spec), strict=True):
+                answers.embedding(item, embedding, ok)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                answers.error(item, outcome)
+
+
+def _duplicate(item_id: str) -> status_pb2.Status:
+    return to_status(InvalidInputError("id", f"id {item_id!r} is already in flight on this stream"))
+
+
+class _Answers:
+    """The results of one group: a response per single item, one response for the rest."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._singles: list[_Reply] = []
+        self._batched: list[pb.StreamItemResult] = []
+
+    def embedding(self, item: _Item, embedding: pb.Embedding, outcome: EmbedOutcome) -> None:
+        self._add(item, wire.timing(outcome.timing, self._started), embedding=embedding)
+
+    def error(self, item: _Item, error: Exception) -> None:
+        self._add(item, wire.timing(None, self._started), error=to_status(error))
+
+    def _add(
+        self,
+        item: _Item,
+        timing: pb.Timing,
+        embedding: pb.Embedding | None = None,
+        error: status_pb2.Status | None = None,
+    ) -> None:
+        if item.batched:
+            result = pb.StreamItemResult(
+                id=item.id, embedding=embedding, error=error, timing=timing
+            )
+            self._batched.append(result)
+        else:
+            response = pb.EmbedStreamResponse(
+                id=item.id, embedding=embedding, error=error, timing=timing
+            )
+            self._singles.append((response, 1, (item.id,)))
+
+    def replies(self) -> list[_Reply]:
+        if not self._batched:
+            return self._singles
+        response = pb.EmbedStreamResponse(results=self._batched)
+        return [*self._singles, (response, len(self._batched), [r.id for r in self._batched])]

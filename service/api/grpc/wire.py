@@ -1,0 +1,91 @@
+"""embedding.v1 messages to and from the pipeline's plain values: options in, results out."""
+
+from __future__ import annotations
+
+import time
+
+from embedding.v1 import embedding_pb2 as pb
+from service import postprocess
+from service.api.validation import RequestOptions
+from service.pipeline import EmbedOutcome, EmbedSpec, Timing
+from service.telemetry import names
+
+# Enum values by the names the validator knows; an unknown number is passed on as its
+# digits, so the validator refuses it naming the field.
+_TRUNCATE_NAMES = {
+    pb.TRUNCATE_UNSPECIFIED: "",
+    pb.TRUNCATE_REFUSE: "refuse",
+    pb.TRUNCATE_END: "end",
+    pb.TRUNCATE_START: "start",
+}
+_ENCODING_NAMES = {
+    pb.ENCODING_UNSPECIFIED: "",
+    pb.ENCODING_FLOAT32: "float32",
+    pb.ENCODING_FLOAT16: "float16",
+    pb.ENCODING_INT8: "int8",
+    pb.ENCODING_BINARY: "binary",
+}
+WIRE_ENCODING = {
+    postprocess.Encoding.FLOAT32: pb.ENCODING_FLOAT32,
+    postprocess.Encoding.FLOAT16: pb.ENCODING_FLOAT16,
+    postprocess.Encoding.INT8: pb.ENCODING_INT8,
+    postprocess.Encoding.BINARY: pb.ENCODING_BINARY,
+}
+
+
+def request_options(opts: pb.EmbedOptions) -> RequestOptions:
+    return RequestOptions(
+        instruction=opts.instruction,
+        prompt_name=opts.prompt_name,
+        dimensions=opts.dimensions or None,  # proto3: 0 is unset, the native size
+        normalize=opts.normalize if opts.HasField("normalize") else None,
+        truncate=_TRUNCATE_NAMES.get(opts.truncate, str(opts.truncate)),
+        encoding=_ENCODING_NAMES.get(opts.encoding, str(opts.encoding)),
+    )
+
+
+def _us(seconds: float) -> int:
+    return max(int(seconds * 1e6), 0)
+
+
+def timing(t: Timing | None, started: float) -> pb.Timing:
+    """The stages' times, and the total since `started` (a perf_counter reading)."""
+    total = _us(time.perf_counter() - started)
+    if t is None:
+        return pb.Timing(total_us=total)
+    return pb.Timing(
+        tokenize_us=_us(t.tokenize_s),
+        queue_us=_us(t.queue_s),
+        inference_us=_us(t.inference_s),
+        total_us=total,
+    )
+
+
+def _ms(us: int) -> str:
+    return f"{us / 1000:.3f}"
+
+
+def timing_metadata(t: pb.Timing) -> tuple[tuple[str, str], ...]:
+    """The response body's timing, in milliseconds, for callers that read only metadata."""
+    return (
+        (names.TOTAL_TIME_HEADER, _ms(t.total_us)),
+        (names.QUEUE_TIME_HEADER, _ms(t.queue_us)),
+        (names.INFERENCE_TIME_HEADER, _ms(t.inference_us)),
+        (names.TOKENIZE_TIME_HEADER, _ms(t.tokenize_us)),
+    )
+
+
+def embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
+    encoded = postprocess.encode(outcome.vectors, spec.encoding)
+    wire = WIRE_ENCODING[spec.encoding]
+    return [
+        pb.Embedding(
+            data=e.data,
+            dimensions=spec.dimensions,
+            encoding=wire,
+            scale=e.scale,
+            token_count=len(inp.ids),
+            truncated=inp.truncated,
+        )
+        for e, inp in zip(encoded, outcome.inputs, strict=True)
+    ]

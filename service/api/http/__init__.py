@@ -1,0 +1,1 @@
+"""The HTTP face: OpenAI-compatible embeddings, rerank, models, tokenize and health."""

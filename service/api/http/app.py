@@ -1,0 +1,414 @@
+"""The HTTP face: OpenAI's /v1/embeddings, a Cohere/Jina-shaped /v1/rerank, /v1/models,
+/health, /openapi.json and /docs, as one Starlette app.
+
+Every route only translates: it checks the key, reads and decodes the body, asks the gate
+for the runtime, and calls the same validation and pipeline as the gRPC face. Failures
+leave through one path (service.api.problems -> errors.error_response), so a message is as
+precise here as on gRPC. A client that disconnects cancels its call, which drops its queued
+work exactly as a cancelled gRPC call does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import numpy as np
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Route
+
+from service import postprocess
+from service.api.http import schemas
+from service.api.http.errors import error_response
+from service.api.keys import MISSING_KEY_MESSAGE, ApiKeys, presented_key
+from service.api.problems import Kind, Problem, describe
+from service.api.runtime import Gate, Runtime
+from service.api.validation import RequestOptions
+from service.errors import InvalidInputError, NotReadyError, UnknownModelError
+from service.pipeline import Inputs, Timing, TokenInputs
+from service.telemetry import names
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+# What a response says a client gone before the answer got (nginx's convention); nothing is
+# sent, but telemetry records it.
+CLIENT_GONE = 499
+
+_JSON = "application/json"
+_NUMBER_DTYPE: dict[postprocess.Encoding, np.dtype[Any]] = {
+    postprocess.Encoding.FLOAT32: np.dtype("<f4"),
+    postprocess.Encoding.FLOAT16: np.dtype("<f2"),
+    postprocess.Encoding.INT8: np.dtype("i1"),
+    postprocess.Encoding.BINARY: np.dtype("u1"),
+}
+_INPUT_TYPES = ("query", "document")
+_INPUT_FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
+
+
+def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), 200, headers, media_type=_JSON
+    )
+
+
+def _invalid(field: str, description: str) -> InvalidInputError:
+    return InvalidInputError(field, description)
+
+
+def _validation_error(exc: msgspec.ValidationError) -> InvalidInputError:
+    """msgspec's "Expected `int`, got `str` - at `$.documents[2]`" as an error naming
+    documents[2]."""
+    what, sep, path = str(exc).rpartition(" - at `$")
+    if not sep:
+        return _invalid("", str(exc))
+    return _invalid(path.rstrip("`").lstrip("."), what.replace("`", "").lower())
+
+
+def texts_or_tokens(value: Any, field: str = "input") -> Inputs:
+    """OpenAI's four forms of `input`, told apart; contents are checked by the validator."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        if isinstance(value, list):
+            raise _invalid(field, "at least one input is required (got an empty array)")
+        raise _invalid(field, f"must be {_INPUT_FORMS}")
+    first = value[0]
+    if isinstance(first, str):
+        kind: type = str
+    elif isinstance(first, int) and not isinstance(first, bool):
+        kind = int
+    elif isinstance(first, list):
+        kind = list
+    else:
+        raise _invalid(f"{field}[0]", f"must be {_INPUT_FORMS}")
+    for i, item in enumerate(value):
+        if not isinstance(item, kind) or isinstance(item, bool):
+            raise _invalid(f"{field}[{i}]", f"must be a {kind.__name__} like {field}[0]")
+    if kind is str:
+        return value
+    if kind is int:
+        return TokenInputs([value])
+    for i, ids in enumerate(value):
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise _invalid(f"{field}[{i}]", "must be an array of integer token ids")
+    return TokenInputs(value)
+
+
+def _timing_headers(t: Timing, started: float) -> dict[str, str]:
+    total = time.perf_counter() - started
+    return {
+        names.TOTAL_TIME_HEADER: f"{total * 1000:.3f}",
+        names.QUEUE_TIME_HEADER: f"{t.queue_s * 1000:.3f}",
+        names.INFERENCE_TIME_HEADER: f"{t.inference_s * 1000:.3f}",
+        names.TOKENIZE_TIME_HEADER: f"{t.tokenize_s * 1000:.3f}",
+    }
+
+
+_SWAGGER_PAGE = """<!doctype html>
+<html><head><title>Embedding service API</title><meta charset="utf-8">
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+</head><body><div id="ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+</body></html>
+"""
+
+
+class HttpApi:
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        keys: ApiKeys | None,
+        max_request_bytes: int,
+        timing_headers: bool = True,
+        version: str = "",
+    ) -> None:
+        self._gate = gate
+        self._keys = keys
+        self._max_bytes = max_request_bytes
+        self._timing_headers = timing_headers
+        self._created = int(time.time())
+        self._openapi = orjson.dumps(schemas.openapi(version))
+        self._decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until no call is in flight, or `timeout_s` (new calls are refused by the gate)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+
+    ROUTES = frozenset(
+        {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health"}
+        | {"/openapi.json", "/docs"}
+    )
+
+    def app(self) -> Starlette:
+        routes = [
+            Route(path, self._route(handler, body), methods=["POST"])
+            for paths, handler, body in (
+                (("/v1/embeddings", "/embeddings"), self._embeddings, schemas.EmbeddingsRequest),
+                (("/v1/rerank", "/rerank"), self._rerank, schemas.RerankRequest),
+            )
+            for path in paths
+        ]
+        routes += [
+            Route("/v1/models", self._route(self._models, None), methods=["GET"]),
+            Route("/health", self._health, methods=["GET"]),
+            Route("/openapi.json", self._openapi_json, methods=["GET"]),
+            Route("/docs", self._docs, methods=["GET"]),
+        ]
+        return Starlette(routes=routes)
+
+    # ------------------------------------------------------------------ open routes
+
+    async def _health(self, request: Request) -> Response:
+        if self._gate.serving:
+            return _json({"status": "serving"})
+        try:
+            self._gate.runtime()
+            reason = "the engine is not alive"
+        except Exception as exc:
+            reason = str(exc)
+        return error_response(describe(NotReadyError(reason)))
+
+    async def _openapi_json(self, request: Request) -> Response:
+        return Response(self._openapi, media_type=_JSON)
+
+    async def _docs(self, request: Request) -> Response:
+        return HTMLResponse(_SWAGGER_PAGE)
+
+    # ----------------------------------------------------------- the call machinery
+
+    def _route(
+        self,
+        handler: Callable[[Runtime, Any], Awaitable[Response]],
+        body_type: type[msgspec.Struct] | None,
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            self._inflight += 1
+            self._idle.clear()
+            try:
+                self._authorize(request)
+                body = await self._read(request) if body_type is not None else None
+                rt = self._gate.runtime()
+                decoded = self._decode(body, body_type) if body_type is not None else None
+                return await _until_disconnect(request, handler(rt, decoded))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return error_response(exc.problem if isinstance(exc, _Refusal) else describe(exc))
+            finally:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._idle.set()
+
+        return endpoint
+
+    def _authorize(self, request: Request) -> None:
+        if self._keys is None:
+            return
+        headers = request.headers
+        presented = presented_key(
+            [(k, headers[k]) for k in ("x-api-key", "authorization") if k in headers]
+        )
+        if not self._keys.accepts(presented):
+            raise _Refusal(Problem(Kind.UNAUTHENTICATED, MISSING_KEY_MESSAGE))
+
+    async def _read(self, request: Request) -> bytes:
+        limit = self._max_bytes
+        too_large = _Refusal(
+            Problem(Kind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _decode(self, body: bytes | None, body_type: type[S]) -> S:
+        decoder = self._decoders.get(body_type)
+        if decoder is None:
+            decoder = self._decoders[body_type] = msgspec.json.Decoder(body_type)
+        try:
+            decoded: S = decoder.decode(body or b"")
+        except msgspec.ValidationError as exc:
+            raise _validation_error(exc) from None
+        except msgspec.DecodeError as exc:
+            raise _invalid("", f"request body is not valid JSON: {exc}") from None
+        return decoded
+
+    @staticmethod
+    def _check_model(rt: Runtime, asked: str | None) -> None:
+        if asked is not None and asked != rt.info.model_name:
+            raise UnknownModelError(asked, rt.info.model_name)
+
+    # ------------------------------------------------------------------- embeddings
+
+    async def _embeddings(self, rt: Runtime, req: schemas.EmbeddingsRequest) -> Response:
+        started = time.perf_counter()
+        self._check_model(rt, req.model)
+        if req.input is msgspec.UNSET:
+            raise _invalid("input", "is required")
+        if req.encoding_format not in ("float", "base64"):
+            raise _invalid(
+                "encoding_format", f"unknown value {req.encoding_format!r} (float or base64)"
+            )
+        inputs = texts_or_tokens(req.input)
+        tokens = isinstance(inputs, TokenInputs)
+        if isinstance(inputs, TokenInputs):
+            rt.validator.count(len(inputs), "input", "token-id inputs")
+        else:
+            rt.validator.texts(inputs, "input")
+        prompt = req.prompt_name or ""
+        if req.input_type is not None:
+            if req.input_type not in _INPUT_TYPES:
+                raise _invalid(
+                    "input_type", f"unknown value {req.input_type!r} (query or document)"
+                )
+            if req.instruction or req.prompt_name:
+                raise _invalid("input_type", "set input_type, instruction or prompt_name, not two")
+            prompt = rt.validator.query_prompt_name if req.input_type == "query" else ""
+        opts = RequestOptions(
+            instruction=req.instruction or "",
+            prompt_name=prompt,
+            dimensions=req.dimensions,
+            normalize=req.normalize,
+            truncate=req.truncate or "",
+            encoding=req.encoding or "",
+        )
+        spec = rt.validator.options(opts, prefix="", token_inputs=tokens)
+        outcome = await rt.embedder.embed(inputs, spec, "input", None)
+        data = _data(outcome.vectors, spec.encoding, req.encoding_format == "base64")
+        n = outcome.prompt_tokens
+        body = {
+            "object": "list",
+            "data": data,
+            "model": rt.info.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+        headers = _timing_headers(outcome.timing, started) if self._timing_headers else None
+        return _json(body, headers)
+
+    # ----------------------------------------------------------------------- rerank
+
+    async def _rerank(self, rt: Runtime, req: schemas.RerankRequest) -> Response:
+        started = time.perf_counter()
+        self._check_model(rt, req.model)
+        v = rt.validator
+        docs = [d if isinstance(d, str) else d.text for d in req.documents]
+        v.text(req.query, "query")
+        v.texts(docs, "documents")
+        v.count(1 + len(docs), "query+documents", "texts")
+        if req.top_n is not None and req.top_n < 1:
+            raise _invalid("top_n", f"must be at least 1, not {req.top_n}")
+        # The query is a query: it gets the model's query prompt unless told otherwise.
+        prompt = req.prompt_name or ("" if req.instruction else v.query_prompt_name)
+        opts = RequestOptions(
+            instruction=req.instruction or "", prompt_name=prompt, truncate=req.truncate or ""
+        )
+        spec = v.options(opts, prefix="")
+        outcome = await rt.embedder.similarity(
+            [req.query], docs, spec, None, fields=("query", "documents")
+        )
+        order, scores = postprocess.top_k(outcome.scores, req.top_n or len(docs))
+        results = []
+        for index, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
+            result: dict[str, Any] = {"index": index, "relevance_score": score}
+            if req.return_documents:
+                result["document"] = {"text": docs[index]}
+            results.append(result)
+        n = outcome.prompt_tokens
+        body = {
+            "results": results,
+            "model": rt.info.model_name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
+        headers = _timing_headers(outcome.timing, started) if self._timing_headers else None
+        return _json(body, headers)
+
+    # ----------------------------------------------------------------------- models
+
+    async def _models(self, rt: Runtime, _: None) -> Response:
+        card = {
+            "id": rt.info.model_name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "embedding-service",
+            "max_model_len": rt.info.max_input_tokens,
+        }
+        return _json({"object": "list", "data": [card]})
+
+
+def _data(
+    vectors: postprocess.FloatMatrix, encoding: postprocess.Encoding, as_base64: bool
+) -> list[dict[str, Any]]:
+    """One OpenAI `data` item per row: numbers (orjson writes the arrays) or base64 bytes."""
+    out: list[dict[str, Any]] = []
+    if encoding is postprocess.Encoding.FLOAT32 and not as_base64:
+        rows: Sequence[Any] = list(vectors)  # float32 rows, serialized as they are
+        scales = [0.0] * len(rows)
+    else:
+        encoded = postprocess.encode(vectors, encoding)
+        scales = [e.scale for e in encoded]
+        if as_base64:
+            rows = [base64.b64encode(e.data).decode("ascii") for e in encoded]
+        else:
+            dtype = _NUMBER_DTYPE[encoding]
+            rows = [np.frombuffer(e.data, dtype) for e in encoded]
+    for i, row in enumerate(rows):
+        item = {"object": "embedding", "index": i, "embedding": row}
+        if encoding is postprocess.Encoding.INT8:
+            item["scale"] = scales[i]
+        out.append(item)
+    return out
+
+
+class _Refusal(Exception):
+    """A face-level refusal (auth, body size) that is already a Problem."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+async def _until_disconnect(request: Request, call: Awaitable[Response]) -> Response:
+    """Run `call`; if the client disconnects first, cancel it (its queued work is dropped)."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await call
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()
+        return Response(status_code=CLIENT_GONE)
+    finally:
+        watcher.cancel()

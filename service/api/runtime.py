@@ -1,0 +1,75 @@
+"""What both faces serve calls with, and the gate that says whether they may.
+
+The server builds one Runtime once the engine is loaded and warm, and opens the Gate with
+it; both faces ask the gate for the runtime on every call. The gate closes for good when
+the server drains or the engine fails, so the two faces always agree on whether the
+process is serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.api.validation import RequestValidator
+from service.engines.base import EngineInfo
+from service.errors import NotReadyError
+from service.model_card import ModelCard
+from service.pipeline import Embedder
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits the server enforces, as GetModelInfo and /v1/models report them."""
+
+    max_inputs_per_request: int
+    max_input_chars: int
+    max_batch_tokens: int
+    max_batch_items: int
+    max_queue_tokens: int
+    max_queue_items: int
+    max_request_bytes: int
+    max_request_tokens: int
+    min_dimensions: int
+    stream_max_inflight: int
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a call needs once the engine is loaded."""
+
+    embedder: Embedder
+    validator: RequestValidator
+    card: ModelCard
+    info: EngineInfo
+    limits: ServerLimits
+
+
+class Gate:
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+        self._closed_because = ""
+        self._alive: Callable[[], bool] = lambda: True
+
+    def open(self, runtime: Runtime, alive: Callable[[], bool]) -> None:
+        """The engine is loaded and warm; `alive` says whether it still is (health asks it
+        directly, so it never reports serving in the moment before the watchdog notices)."""
+        if not self._closed_because:
+            self._runtime = runtime
+            self._alive = alive
+
+    def close(self, because: str) -> None:
+        """Draining, or the engine failed: no new calls from now on."""
+        self._closed_because = self._closed_because or because
+
+    @property
+    def serving(self) -> bool:
+        return self._runtime is not None and not self._closed_because and self._alive()
+
+    def runtime(self) -> Runtime:
+        """The runtime, or NotReadyError saying why there is none to serve with."""
+        if self._closed_because:
+            raise NotReadyError(self._closed_because)
+        if self._runtime is None:
+            raise NotReadyError("the model is still loading")
+        return self._runtime
