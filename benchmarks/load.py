@@ -1,8 +1,9 @@
 """Load generators: bounded in count and time, loopback only, each stops by itself.
 
-Two clients with one interface, so every scenario drives both servers the same way:
+Two clients with one interface, so every scenario drives every server the same way:
 - GrpcClient: the service's Embed (raw generated stubs, vectors as float32 bytes);
-- HttpClient: vLLM's OpenAI /v1/embeddings (base64 vectors, its cheapest encoding).
+- HttpClient: an OpenAI /v1/embeddings, the service's HTTP face or vLLM's own, with base64
+  vectors (what the openai SDK asks for by default) or float lists.
 Both decode the vectors they get, as a real caller would.
 """
 
@@ -51,22 +52,28 @@ class GrpcClient:
 
 
 class HttpClient:
-    def __init__(self, port: int, model: str, connections: int) -> None:
+    def __init__(
+        self, port: int, model: str, connections: int, encoding_format: str = "base64"
+    ) -> None:
         self._url = f"http://127.0.0.1:{port}/v1/embeddings"
         self._model = model
+        self._format = encoding_format
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections),
             timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
         )
 
     async def embed(self, texts: Sequence[str]) -> int:
-        body = {"model": self._model, "input": list(texts), "encoding_format": "base64"}
+        body = {"model": self._model, "input": list(texts), "encoding_format": self._format}
         async with self._session.post(self._url, json=body) as reply:
             if reply.status != 200:
                 raise RuntimeError(f"HTTP {reply.status}: {(await reply.text())[:200]}")
             out = await reply.json()
         for item in out["data"]:
-            np.frombuffer(base64.b64decode(item["embedding"]), np.float32)
+            if self._format == "base64":
+                np.frombuffer(base64.b64decode(item["embedding"]), np.float32)
+            else:
+                np.asarray(item["embedding"], np.float32)
         return int(out["usage"]["prompt_tokens"])
 
     async def close(self) -> None:

@@ -16,7 +16,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-SERVERS = (("service", "service"), ("vllm", "vLLM server"))
+SERVERS = (("service", "service gRPC"), ("service_http", "service HTTP"), ("vllm", "vLLM server"))
+# Each face of the service against vLLM's server.
+VERSUS = (("service", "gRPC / vLLM"), ("service_http", "HTTP / vLLM"))
 
 Row = dict[str, Any]
 
@@ -46,8 +48,12 @@ def _scenarios(results: Row) -> list[tuple[str, str, str, str]]:
     for kind, points in service.get("unary", {}).items():
         out += [(f"unary, {c} concurrent", kind, "unary", c) for c in points]
         out.append(("32-text calls, 4 concurrent", kind, "batch32", ""))
-        out.append(("bulk (service: one stream; vLLM: 64-text calls)", kind, "bulk", ""))
+        out.append(("bulk (gRPC: one stream; HTTP: 64-text calls)", kind, "bulk", ""))
     return out
+
+
+def _present(results: Row) -> list[tuple[str, str]]:
+    return [(key, name) for key, name in SERVERS if key in results]
 
 
 def _point(results: Row, server: str, section: str, kind: str, key: str) -> Row | None:
@@ -58,47 +64,71 @@ def _point(results: Row, server: str, section: str, kind: str, key: str) -> Row 
 
 
 def throughput_table(results: Row) -> list[str]:
+    servers = _present(results)
     header = ["load", "texts", "ceiling docs/s"]
-    for _, name in SERVERS:
-        header += [f"{name} docs/s", "tok/s", "p50 / p95 / p99 ms"]
-    header += ["service / ceiling", "service / vLLM"]
+    for _, name in servers:
+        header += [f"{name} docs/s", "p50 / p99 ms"]
+    header += ["gRPC / ceiling", *(label for key, label in VERSUS if key in results)]
     rows = []
     for label, kind, section, key in _scenarios(results):
         ceiling = results.get("ceiling", {}).get(kind, {}).get("docs_per_s")
         row = [label, kind, _f(ceiling)]
         rates: dict[str, float | None] = {}
-        for server, _ in SERVERS:
+        for server, _ in servers:
             p = _point(results, server, section, kind, key) or {}
             rates[server] = p.get("docs_per_s")
-            lat = " / ".join(_f(p.get(f"p{q}_ms")) for q in (50, 95, 99))
-            row += [_f(rates[server]), _f(p.get("tokens_per_s"), 0), lat]
-        row += [
-            _f(_ratio(rates["service"], ceiling), 2),
-            _f(_ratio(rates["service"], rates["vllm"]), 2),
-        ]
+            row += [_f(rates[server]), f"{_f(p.get('p50_ms'))} / {_f(p.get('p99_ms'))}"]
+        row.append(_f(_ratio(rates.get("service"), ceiling), 2))
+        row += [_f(_ratio(rates[k], rates.get("vllm")), 2) for k, _ in VERSUS if k in results]
         rows.append(row)
     return _table(header, rows)
 
 
+def float_table(results: Row) -> list[str]:
+    """The HTTP faces with JSON numbers (float) against base64, the openai SDK's default."""
+    servers = [(k, n) for k, n in _present(results) if results[k].get("float")]
+    header = ["calls", "texts"]
+    for _, name in servers:
+        header += [f"{name} float docs/s", "base64 docs/s"]
+    header += [f"{n} float / vLLM float" for k, n in servers if k != "vllm"]
+    rows = []
+    kinds = next((list(results[k]["float"]) for k, _ in servers), [])
+    for kind in kinds:
+        for shape, base, base_key in (("1x64", "unary", "64"), ("32x4", "batch32", "")):
+            row = [f"{shape.split('x')[0]}-text, {shape.split('x')[1]} concurrent", kind]
+            floats: dict[str, float | None] = {}
+            for server, _ in servers:
+                floats[server] = (_point(results, server, "float", kind, shape) or {}).get(
+                    "docs_per_s"
+                )
+                b64 = (_point(results, server, base, kind, base_key) or {}).get("docs_per_s")
+                row += [_f(floats[server]), _f(b64)]
+            row += [_f(_ratio(floats[k], floats.get("vllm")), 2) for k, _ in servers if k != "vllm"]
+            rows.append(row)
+    return _table(header, rows)
+
+
 def cpu_table(results: Row) -> list[str]:
-    header = ["load", "texts", "engine client alone", "service", "vLLM server", "service / vLLM"]
+    servers = _present(results)
+    header = ["load", "texts", "engine client alone", *(name for _, name in servers)]
+    header += [label for key, label in VERSUS if key in results]
     rows = []
     for label, kind, section, key in _scenarios(results):
         floor = results.get("ceiling", {}).get(kind, {}).get("cpu_s_per_1000_texts")
-        costs = [
-            (_point(results, s, section, kind, key) or {}).get("cpu_s_per_1000_texts")
-            for s, _ in SERVERS
-        ]
-        rows.append(
-            [label, kind, _f(floor, 2), _f(costs[0], 2), _f(costs[1], 2), _f(_ratio(*costs), 2)]
-        )
+        costs = {
+            s: (_point(results, s, section, kind, key) or {}).get("cpu_s_per_1000_texts")
+            for s, _ in servers
+        }
+        row = [label, kind, _f(floor, 2), *(_f(costs[s], 2) for s, _ in servers)]
+        row += [_f(_ratio(costs[k], costs.get("vllm")), 2) for k, _ in VERSUS if k in results]
+        rows.append(row)
     return _table(header, rows)
 
 
 def mixed_table(results: Row) -> list[str]:
     header = ["server", "idle p50 / p99 ms", "under bulk p50 / p99 ms", "p99 under bulk / idle"]
     rows = []
-    for server, name in SERVERS:
+    for server, name in _present(results):
         mixed = results.get(server, {}).get("mixed", {})
         idle, loaded = mixed.get("idle", {}), mixed.get("loaded", {})
         rows.append(
@@ -160,14 +190,18 @@ def plot_throughput(results: Row, path: Path) -> None:
 
 
 def plot_mixed(results: Row, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    labels, width = ("p50", "p95", "p99"), 0.2
-    for i, (server, name) in enumerate(SERVERS):
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    labels = ("p50", "p95", "p99")
+    servers = _present(results)
+    bars = 2 * max(len(servers), 1)
+    width = 0.8 / bars
+    for i, (server, name) in enumerate(servers):
         for j, state in enumerate(("idle", "loaded")):
             p = results.get(server, {}).get("mixed", {}).get(state)
             if not p:
                 continue
-            xs = [k + (i * 2 + j - 1.5) * width for k in range(len(labels))]
+            offset = (i * 2 + j - (bars - 1) / 2) * width
+            xs = [k + offset for k in range(len(labels))]
             values = [p.get(f"{q}_ms") or 0 for q in labels]
             ax.bar(xs, values, width, label=f"{name}, {'idle' if j == 0 else 'under bulk load'}")
     ax.set_xticks(range(len(labels)), labels)
@@ -175,7 +209,7 @@ def plot_mixed(results: Row, path: Path) -> None:
     ax.set_ylabel("unary query latency, ms (log)")
     ax.set_title("interactive latency, idle and while bulk traffic saturates the engine")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -194,7 +228,14 @@ def markdown(results: Row) -> str:
         "",
         "## Throughput and latency",
         "",
+        "HTTP calls ask for base64 vectors (the openai SDK's default). Bulk: the gRPC face"
+        " runs one EmbedStream of 64-item messages; the HTTP faces, which have no stream,"
+        " 64-text calls with 4 in flight.",
+        "",
         *throughput_table(results),
+        "## HTTP faces: float vectors (JSON numbers) against base64",
+        "",
+        *float_table(results),
         "## Serving-path CPU seconds per 1,000 texts",
         "",
         "The serving process only, not vLLM's engine core. The engine client alone is the"

@@ -33,11 +33,11 @@ from typing import Any
 from benchmarks import load, report
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
-from benchmarks.servers import Server, start_service, start_vllm_server
+from benchmarks.servers import Server, start_service, start_vllm_server, vllm_server_args
 from service.config import ServiceConfig, load_config
 from service.server import served_name
 
-LOADS = ("unary", "batch32", "bulk", "mixed")
+LOADS = ("unary", "batch32", "float", "bulk", "mixed")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Plan:
     http_bulk_workers: int  # vLLM's bulk load: concurrent 64-text requests
     stream_limit: int  # texts per stream run (0: the whole corpus)
     loads: frozenset[str]  # which of LOADS to run against the servers
+    scenarios: frozenset[str]  # which scenarios (--only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -58,6 +59,7 @@ class Plan:
             http_bulk_workers=args.http_bulk_workers,
             stream_limit=args.stream_limit,
             loads=frozenset(args.loads.split(",")),
+            scenarios=frozenset(args.only.split(",")),
         )
 
 
@@ -98,106 +100,178 @@ def run_ceiling(kind: str, plan: Plan, service_args: list[str], out: Path) -> di
     return result
 
 
-async def run_server(
-    server: Server,
-    *,
-    client: load.Client,
-    bulk: Callable[[], AsyncIterator[None]],
-    stream: Callable[[Sequence[str]], Awaitable[Point]],
-    corpus: Corpus,
-    plan: Plan,
-) -> dict[str, Any]:
-    """The shared load plan, against either server."""
-    results: dict[str, Any] = {"unary": {}, "batch32": {}, "bulk": {}, "mixed": {}}
-    # Connections up, first-call costs paid, caches warm.
+@dataclass
+class Target:
+    """One face of one server under the shared load plan."""
+
+    name: str  # "service" (gRPC), "service_http", "vllm"
+    server: Server  # the process whose CPU is charged
+    client: load.Client
+    # A background load that saturates the engine, for the mix.
+    bulk: Callable[[], AsyncIterator[None]]
+    # The bulk throughput job over given texts (a stream, or batched HTTP requests).
+    stream: Callable[[Sequence[str]], Awaitable[Point]]
+    float_client: load.Client | None = None  # HTTP: the same calls with float vectors
+
+
+def _rotated(targets: Sequence[Target], n: int) -> list[Target]:
+    """Point n runs the targets in a rotated order, so drift is spread over all of them."""
+    k = n % len(targets)
+    return [*targets[k:], *targets[:k]]
+
+
+Job = Callable[[Target], Awaitable[Point] | None]  # None: the point does not apply to it
+
+
+async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict[str, Any]:
+    """Every point of the plan on every target in turn, one target at a time.
+
+    The servers stay up side by side (an idle vLLM engine costs about 2% of a core) and each
+    point is measured on each target back to back, in an order that rotates from point to
+    point, so a drift of the machine's speed hits all of them alike instead of whichever
+    ran last.
+    """
+    results: dict[str, Any] = {t.name: {} for t in targets}
     short = corpus.kinds[corpus.short]
-    await load.closed_loop(client, short, batch=1, concurrency=16, seconds=3, cycle=True)
+    for t in targets:  # connections up, first-call costs paid, caches warm
+        await load.closed_loop(t.client, short, batch=1, concurrency=16, seconds=3, cycle=True)
+        if t.float_client is not None:
+            await load.closed_loop(t.float_client, short, batch=1, concurrency=4, seconds=1)
+    turn = 0
+
+    async def point(keys: tuple[str, ...], job: Job) -> None:
+        nonlocal turn
+        for t in _rotated(targets, turn):
+            measured = job(t)
+            if measured is None:
+                continue
+            p = await _timed(t.server, measured)
+            _log(_summary(f"{t.name} {' '.join(keys)}", p))
+            node = results[t.name]
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = p.to_json()
+        turn += 1
+
+    def calls(texts: Sequence[str], batch: int, concurrency: int, floats: bool = False) -> Job:
+        def job(t: Target) -> Awaitable[Point] | None:
+            client = t.float_client if floats else t.client
+            if client is None:
+                return None
+            return load.closed_loop(
+                client, texts, batch=batch, concurrency=concurrency, seconds=plan.seconds
+            )
+
+        return job
+
+    def bulk(texts: Sequence[str]) -> Job:
+        def job(t: Target) -> Awaitable[Point]:
+            return t.stream(texts)
+
+        return job
+
+    def mix(background: bool) -> Job:
+        def job(t: Target) -> Awaitable[Point]:
+            return load.mixed(
+                t.client,
+                short,
+                t.bulk() if background else None,
+                concurrency=plan.mix_callers,
+                seconds=plan.seconds,
+                ramp_s=3.0,
+            )
+
+        return job
 
     for kind, texts in corpus.kinds.items():
         for c in plan.concurrencies if "unary" in plan.loads else ():
-            job = load.closed_loop(client, texts, batch=1, concurrency=c, seconds=plan.seconds)
-            p = await _timed(server, job)
-            _log(_summary(f"{server.name} unary {kind} c={c}", p))
-            results["unary"].setdefault(kind, {})[str(c)] = p.to_json()
+            await point(("unary", kind, str(c)), calls(texts, 1, c))
         if "batch32" in plan.loads:
-            job = load.closed_loop(client, texts, batch=32, concurrency=4, seconds=plan.seconds)
-            p = await _timed(server, job)
-            _log(_summary(f"{server.name} 32-text calls {kind}", p))
-            results["batch32"][kind] = p.to_json()
+            await point(("batch32", kind), calls(texts, 32, 4))
+        if "float" in plan.loads:  # the HTTP faces with JSON numbers instead of base64
+            for batch, c in ((1, 64), (32, 4)):
+                await point(("float", kind, f"{batch}x{c}"), calls(texts, batch, c, floats=True))
         if "bulk" in plan.loads:
-            stream_texts = texts[: plan.stream_limit] if plan.stream_limit else texts
-            p = await _timed(server, stream(stream_texts))
-            _log(_summary(f"{server.name} bulk {kind} ({len(stream_texts)} texts)", p))
-            results["bulk"][kind] = p.to_json()
-
-    mixes = (("idle", None), ("loaded", bulk())) if "mixed" in plan.loads else ()
-    for label, background in mixes:
-        mix = load.mixed(
-            client,
-            short,
-            background,
-            concurrency=plan.mix_callers,
-            seconds=plan.seconds,
-            ramp_s=3.0,
-        )
-        p = await _timed(server, mix)
-        _log(_summary(f"{server.name} mixed, unary queries {label}", p))
-        results["mixed"][label] = p.to_json()
+            await point(("bulk", kind), bulk(texts[: plan.stream_limit or len(texts)]))
+    for state in ("idle", "loaded") if "mixed" in plan.loads else ():
+        await point(("mixed", state), mix(state == "loaded"))
     return results
 
 
-async def run_service(
-    service_args: list[str], corpus: Corpus, plan: Plan, out: Path
-) -> dict[str, Any]:
-    server = await start_service(service_args, out / "logs" / "service.log")
-    client = load.GrpcClient(server.port)
-    try:
+def _service_targets(server: Server, corpus: Corpus, plan: Plan, model: str) -> list[Target]:
+    """The service's two faces; both take the same gRPC stream as their background bulk."""
+    grpc_client = load.GrpcClient(server.port)
+    connections = max(plan.concurrencies) + plan.mix_callers
 
-        async def whole_stream(texts: Sequence[str]) -> Point:
-            return await load.stream(client.stub, texts)
+    async def whole_stream(texts: Sequence[str]) -> Point:
+        return await load.stream(grpc_client.stub, texts)
 
-        return await run_server(
+    def bulk() -> AsyncIterator[None]:
+        return load.grpc_bulk(server.port, corpus.kinds[corpus.long])
+
+    http = load.HttpClient(server.http_port, model, connections)
+    return [
+        Target("service", server, grpc_client, bulk, whole_stream),
+        Target(
+            "service_http",
             server,
-            client=client,
-            bulk=lambda: load.grpc_bulk(server.port, corpus.kinds[corpus.long]),
-            stream=whole_stream,
-            corpus=corpus,
-            plan=plan,
+            http,
+            bulk,
+            _batched_http(http, plan),
+            float_client=load.HttpClient(server.http_port, model, connections, "float"),
+        ),
+    ]
+
+
+def _batched_http(client: load.Client, plan: Plan) -> Callable[[Sequence[str]], Awaitable[Point]]:
+    async def batched(texts: Sequence[str]) -> Point:
+        # No stream in the OpenAI API: its bulk form is concurrent batched requests.
+        return await load.closed_loop(
+            client, texts, batch=64, concurrency=plan.http_bulk_workers, seconds=1e9
         )
-    finally:
-        await client.close()
-        server.stop()
+
+    return batched
 
 
-async def run_vllm(config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path) -> dict[str, Any]:
-    server = await start_vllm_server(config, out / "logs" / "vllm.log")
+def _vllm_target(server: Server, corpus: Corpus, plan: Plan, model: str) -> Target:
     connections = max(plan.concurrencies) + plan.http_bulk_workers + plan.mix_callers
-    client = load.HttpClient(server.port, served_name(config), connections)
+    client = load.HttpClient(server.port, model, connections)
+    return Target(
+        "vllm",
+        server,
+        client,
+        lambda: load.http_bulk(
+            server.port, model, corpus.kinds[corpus.long], batch=64, workers=plan.http_bulk_workers
+        ),
+        _batched_http(client, plan),
+        float_client=load.HttpClient(server.port, model, connections, "float"),
+    )
+
+
+async def run_servers(
+    service_args: list[str], config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path
+) -> dict[str, Any]:
+    """The service (both faces) and vLLM's server with the same engine settings."""
+    model = served_name(config)
+    servers: list[Server] = []
+    targets: list[Target] = []
     try:
-
-        async def batched(texts: Sequence[str]) -> Point:
-            # No stream in the OpenAI API: its bulk form is concurrent batched requests.
-            return await load.closed_loop(
-                client, texts, batch=64, concurrency=plan.http_bulk_workers, seconds=1e9
-            )
-
-        return await run_server(
-            server,
-            client=client,
-            bulk=lambda: load.http_bulk(
-                server.port,
-                served_name(config),
-                corpus.kinds[corpus.long],
-                batch=64,
-                workers=plan.http_bulk_workers,
-            ),
-            stream=batched,
-            corpus=corpus,
-            plan=plan,
-        )
+        if "service" in plan.scenarios:
+            service = await start_service(service_args, out / "logs" / "service.log")
+            servers.append(service)
+            targets += _service_targets(service, corpus, plan, model)
+        if "vllm" in plan.scenarios:
+            vllm = await start_vllm_server(vllm_server_args(config), out / "logs" / "vllm.log")
+            servers.append(vllm)
+            targets.append(_vllm_target(vllm, corpus, plan, model))
+        return await compare(targets, corpus, plan)
     finally:
-        await client.close()
-        server.stop()
+        for t in targets:
+            await t.client.close()
+            if t.float_client is not None:
+                await t.float_client.close()
+        for server in servers:
+            server.stop()
 
 
 def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
@@ -234,7 +308,7 @@ def _meta(
             kind: {"texts": len(texts), "chars": sum(map(len, texts))}
             for kind, texts in corpus.kinds.items()
         },
-        "plan": plan.__dict__ | {"loads": sorted(plan.loads)},
+        "plan": plan.__dict__ | {"loads": sorted(plan.loads), "scenarios": sorted(plan.scenarios)},
     }
 
 
@@ -267,18 +341,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": _meta(config, corpus, plan, service_args)}
     scenarios: dict[str, Callable[[], Any]] = {
         "ceiling": lambda: {k: run_ceiling(k, plan, service_args, out) for k in corpus.kinds},
-        "service": lambda: asyncio.run(run_service(service_args, corpus, plan, out)),
-        "vllm": lambda: asyncio.run(run_vllm(config, corpus, plan, out)),
+        "servers": lambda: asyncio.run(run_servers(service_args, config, corpus, plan, out)),
         "null": lambda: run_null_engine(plan, out),
     }
     began = time.monotonic()
     failed = []
+    if only & {"service", "vllm"}:
+        only.add("servers")
     for name, scenario in scenarios.items():
         if name not in only:
             continue
         _log(f"scenario {name}")
         try:
-            results["null_engine" if name == "null" else name] = scenario()
+            outcome = scenario()
+            if name == "servers":
+                results.update(outcome)  # one entry per target
+            else:
+                results["null_engine" if name == "null" else name] = outcome
         except Exception as exc:  # one failed scenario must not lose the others' results
             _log(f"scenario {name} failed: {exc!r}; logs in {out / 'logs'}")
             results.setdefault("failed", {})[name] = repr(exc)

@@ -37,8 +37,9 @@ START_TIMEOUT_S = 300.0
 class Server:
     name: str
     process: subprocess.Popen[bytes]
-    port: int
+    port: int  # the service's gRPC port; vLLM's HTTP port
     log: Path
+    http_port: int = 0  # the service's HTTP face
 
     @property
     def pid(self) -> int:
@@ -60,11 +61,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn(name: str, argv: list[str], port: int, log: Path) -> Server:
+def _spawn(
+    name: str, argv: list[str], port: int, log: Path, env: dict[str, str] | None = None
+) -> Server:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {}),
         )
     return Server(name, process, port, log)
 
@@ -86,14 +92,16 @@ async def _until_ready(server: Server, probe: Callable[[], Awaitable[bool]]) -> 
     raise TimeoutError(f"{server.name} not ready after {START_TIMEOUT_S:.0f}s; see {server.log}")
 
 
-async def start_service(service_args: list[str], log: Path) -> Server:
-    """The service on a free loopback port, ready once its health says SERVING."""
-    port = free_port()
+async def start_service(service_args: list[str], log: Path, name: str = "service") -> Server:
+    """The service on free loopback ports (gRPC and HTTP), ready once its health says SERVING."""
+    port, http_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "service", *service_args,
-        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--health-port", "0",
+        "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
+        "--metrics-port", "0", "--health-port", "0",
     ]  # fmt: skip
-    server = _spawn("service", argv, port, log)
+    server = _spawn(name, argv, port, log)
+    server.http_port = http_port
 
     async def probe() -> bool:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -125,14 +133,19 @@ def vllm_server_args(config: ServiceConfig) -> list[str]:
     ]  # fmt: skip
 
 
-async def start_vllm_server(config: ServiceConfig, log: Path) -> Server:
-    """vLLM's OpenAI server on a free loopback port, ready once /health answers 200."""
+async def start_vllm_server(
+    args: list[str], log: Path, name: str = "vllm", env: dict[str, str] | None = None
+) -> Server:
+    """vLLM's OpenAI server on a free loopback port, ready once /health answers 200.
+
+    `args`: vllm_server_args(config) for the service's engine settings, or just the model
+    for vLLM's own defaults."""
     port = free_port()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        *vllm_server_args(config), "--host", "127.0.0.1", "--port", str(port),
+        *args, "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    server = _spawn("vllm", argv, port, log)
+    server = _spawn(name, argv, port, log, env)
 
     async def probe() -> bool:
         async with (

@@ -64,24 +64,29 @@ def test_report_renders_tables_and_plots(tmp_path: Path) -> None:
         return {"docs_per_s": docs, "tokens_per_s": docs * 20, "p50_ms": p99 / 2,
                 "p95_ms": p99 * 0.9, "p99_ms": p99, "cpu_s_per_1000_texts": 1.5}  # fmt: skip
 
-    def server(scale: float) -> dict[str, object]:
-        return {
+    def server(scale: float, http: bool = False) -> dict[str, object]:
+        out: dict[str, object] = {
             "unary": {"queries": {"1": point(40 * scale, 30), "64": point(100 * scale, 900)}},
             "batch32": {"queries": point(110 * scale, 2000)},
             "bulk": {"queries": point(120 * scale, 5000)},
             "mixed": {"idle": point(50, 30), "loaded": point(5, 90 / scale)},
         }
+        if http:
+            out["float"] = {"queries": {"1x64": point(80 * scale, 5), "32x4": point(90 * scale, 5)}}
+        return out
 
     results = {
         "meta": {"model": "m", "plan": {"seconds": 1}},
         "ceiling": {"queries": {"docs_per_s": 125.0}},
         "service": server(1.0),
-        "vllm": server(0.5),
+        "service_http": server(0.75, http=True),
+        "vllm": server(0.5, http=True),
     }
     report.write(results, tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
-    assert "| unary, 64 concurrent | queries | 125.0 | 100.0 |" in md
-    assert "| 0.80 | 2.00 |" in md  # service / ceiling, service / vLLM
+    assert "| unary, 64 concurrent | queries | 125.0 | 100.0 | 450.0 / 900.0 | 75.0 |" in md
+    assert "| 0.80 | 2.00 | 1.50 |" in md  # gRPC / ceiling, gRPC / vLLM, HTTP / vLLM
+    assert "| 1-text, 64 concurrent | queries | 60.0 | 75.0 | 40.0 | 50.0 | 1.50 |" in md
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert (tmp_path / "mixed_latency.png").stat().st_size > 1000
     json.dumps(results)
