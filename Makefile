@@ -18,7 +18,7 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 $(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(addprefix -c ,$(CONSTRAINTS)) -e ./client -e '.[$(ENGINE),dev]'
+	$(PY) -m pip install --quiet $(addprefix -c ,$(CONSTRAINTS)) -e './client[cli,pdf]' -e '.[$(ENGINE),dev]'
 	# Typing stubs for google.rpc; without --no-deps it drags in the outdated grpc-stubs,
 	# which shadows types-grpcio.
 	$(PY) -m pip install --quiet --no-deps googleapis-common-protos-stubs==2.3.1

@@ -13,7 +13,7 @@ import asyncio
 import base64
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -132,6 +132,7 @@ async def stream(
     *,
     stop: asyncio.Event | None = None,
     items_per_message: int = ITEMS_PER_MESSAGE,
+    options: pb.EmbedOptions | None = None,
 ) -> Point:
     """One EmbedStream carrying `texts` (over and over until `stop`, when given), in
     messages of `items_per_message` items, as the client library sends them.
@@ -157,7 +158,7 @@ async def stream(
             for n in range(start, end):
                 sent[str(n)] = now
                 items.append(pb.StreamItem(id=str(n), input=texts[n % len(texts)]))
-            yield pb.EmbedStreamRequest(items=items)
+            yield pb.EmbedStreamRequest(items=items, options=options)
 
     began = time.perf_counter()
     call = stub.EmbedStream(requests(), timeout=CALL_TIMEOUT_S * 10)
@@ -201,6 +202,56 @@ async def mixed(
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
+
+
+async def sporadic(
+    unary: Client,
+    queries: Sequence[str],
+    bulk: AsyncIterator[None],
+    *,
+    gap_s: float,
+    calls: int,
+    ramp_s: float,
+) -> Point:
+    """Single-query calls `gap_s` apart while `bulk` saturates the engine: a service that
+    calls now and then during a nightly job. Each call meets the engine after a quiet
+    spell, unlike `mixed`, whose callers keep the interactive class busy."""
+    runner = asyncio.ensure_future(_drain(bulk))
+    point = Point()
+    try:
+        await asyncio.sleep(ramp_s)
+        began = time.perf_counter()
+        for text in itertools.islice(itertools.cycle(queries), calls):
+            t0 = time.perf_counter()
+            point.tokens += await unary.embed([text])
+            point.latencies.append(time.perf_counter() - t0)
+            point.calls += 1
+            point.texts += 1
+            await asyncio.sleep(gap_s)
+        point.seconds = time.perf_counter() - began
+        return point
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def behind(
+    job: Callable[[Sequence[str]], Awaitable[Point]],
+    large: Sequence[str],
+    small: Sequence[str],
+    *,
+    delay_s: float,
+) -> Point:
+    """A small bulk job started `delay_s` after a large one, on the same server: the
+    small one's point (its seconds are its time to finish). The large job is cancelled
+    once the small one is done."""
+    runner = asyncio.ensure_future(job(large))
+    try:
+        await asyncio.sleep(delay_s)
+        return await job(small)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def _drain(job: AsyncIterator[None]) -> None:

@@ -47,6 +47,7 @@ class Point:
         for q in (50, 95, 99):
             p = self.percentile_ms(q)
             out[f"p{q}_ms"] = None if p is None else round(p, 2)
+        out["max_ms"] = round(max(self.latencies) * 1000, 2) if self.latencies else None
         if self.cpu_s is not None:
             out["cpu_s"] = round(self.cpu_s, 3)
             out["cpu_s_per_1000_texts"] = round(self.cpu_s / max(self.texts, 1) * 1000, 3)

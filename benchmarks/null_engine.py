@@ -90,8 +90,13 @@ def _telemetry(mode: str, config: ServiceConfig) -> Telemetry:
 
 async def _serve(mode: str, ports: mp.Queue[tuple[str, int]], stop: Event) -> None:
     # metrics_port 0 would turn the endpoint off; a free port keeps it served, as deployed.
+    # No vector cache: the loads cycle through the corpus, and hits would skip the path measured.
     config = ServiceConfig(
-        port=0, engine="null", metrics_port=_free_port(), metrics_host="127.0.0.1"
+        port=0,
+        engine="null",
+        metrics_port=_free_port(),
+        metrics_host="127.0.0.1",
+        vector_cache_mb=0,
     )
     server = EmbeddingServer(config, telemetry=_telemetry(mode, config))
     await server.start()

@@ -142,6 +142,59 @@ def mixed_table(results: Row) -> list[str]:
     return _table(header, rows)
 
 
+def bulk_sharing_table(results: Row) -> list[str]:
+    """Sporadic single calls during a bulk load, and a small bulk job behind a large one."""
+    header = ["server", "calls 50 ms apart p50 / max ms", "calls 1 s apart p50 / max ms"]
+    header += ["small job alone s", "small job behind a large one s"]
+    rows = []
+    for server, name in _present(results):
+        sporadic = results.get(server, {}).get("sporadic", {})
+        fair = results.get(server, {}).get("fair", {})
+        if not sporadic and not fair:
+            continue
+        row = [name]
+        for gap in ("0.05s", "1s"):
+            p = sporadic.get(gap, {})
+            row.append(f"{_f(p.get('p50_ms'))} / {_f(p.get('max_ms'))}")
+        row += [_f(fair.get(k, {}).get("seconds"), 2) for k in ("alone", "behind_large")]
+        rows.append(row)
+    return _table(header, rows) if rows else []
+
+
+def defaults_table(results: Row) -> list[str]:
+    """Each server with its own defaults: single-text calls, and Zipf-repeated queries."""
+    defaults: Row = results.get("defaults", {})
+    servers = _present(defaults)
+    if not servers:
+        return []
+    header = ["load", "texts", *(f"{name} docs/s" for _, name in servers)]
+    header += [label for key, label in VERSUS if key in defaults]
+    rows = []
+
+    def row(label: str, kind: str, section: str, key: str, shown: str = "") -> None:
+        rates = {
+            s: (_point(defaults, s, section, kind, key) or {}).get("docs_per_s") for s, _ in servers
+        }
+        cells = [label, shown or kind, *(_f(rates[s]) for s, _ in servers)]
+        cells += [_f(_ratio(rates[k], rates.get("vllm")), 2) for k, _ in VERSUS if k in defaults]
+        rows.append(cells)
+
+    kinds = next(iter(defaults.values())).get("unary", {})
+    for kind, points in kinds.items():
+        for c in points:
+            row(f"unary, {c} concurrent", kind, "unary", c)
+    if any("zipf" in defaults[s] for s, _ in servers):
+        row("Zipf s=1.1, 64 concurrent", "64", "zipf", "", shown="queries")
+        cpu = {
+            s: defaults[s].get("zipf", {}).get("64", {}).get("cpu_s_per_1000_texts")
+            for s, _ in servers
+        }
+        rows.append(
+            ["Zipf: serving CPU-s / 1,000", "queries", *(_f(cpu[s], 3) for s, _ in servers)]
+        )
+    return _table(header, rows)
+
+
 def null_table(results: Row) -> list[str]:
     header = ["load", "telemetry", "texts/s", "server µs / text", "texts per server CPU-s"]
     header += ["throughput cost", "CPU cost"]
@@ -246,7 +299,23 @@ def markdown(results: Row) -> str:
         "## Mixed load: unary queries while bulk traffic saturates the engine",
         "",
         *mixed_table(results),
+        "## Sharing the engine with bulk work",
+        "",
+        "Single queries spaced apart while a bulk load saturates the engine; and a"
+        " small bulk job started 2 s after one over the whole paragraph corpus.",
+        "",
+        *bulk_sharing_table(results),
     ]
+    if "defaults" in results:
+        lines += [
+            "## Defaults against defaults",
+            "",
+            "Each server as a user starts it: the service with its defaults (vector cache off"
+            " for the single-text rows, which walk the corpus again at every point; on for the"
+            " Zipf row), vLLM's server with the model and the pooling runner only.",
+            "",
+            *defaults_table(results),
+        ]
     if "null_engine" in results:
         lines += ["## Front end alone (null engine)", "", *null_table(results)]
     lines += ["![throughput](throughput.png)", "", "![mixed](mixed_latency.png)", ""]

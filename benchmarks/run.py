@@ -4,7 +4,8 @@
 2. the service, and 3. vLLM's own OpenAI server, under the same loads:
    single-text unary calls at each concurrency, 32-text calls, bulk (the service: one
    EmbedStream over the corpus; vLLM: concurrent 64-text requests), and the mix (unary
-   query latency idle, then while a bulk load saturates the engine);
+   query latency idle, then while a bulk load saturates the engine), sporadic single calls
+   during a bulk load, and a small bulk job started behind a large one;
 4. the serving path's CPU seconds per 1,000 texts, measured on every point above;
 5. the null-engine front end (benchmarks/null_engine.py), with tracing off and on.
 
@@ -25,19 +26,30 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import load, report
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
-from benchmarks.servers import Server, start_service, start_vllm_server, vllm_server_args
+from benchmarks.servers import (
+    Server,
+    start_service,
+    start_vllm_server,
+    vllm_default_args,
+    vllm_server_args,
+)
 from service.config import ServiceConfig, load_config
 from service.server import served_name
 
-LOADS = ("unary", "batch32", "float", "bulk", "mixed")
+FAIR_SMALL_JOB = 150  # texts of the small bulk job started behind the whole corpus
+LOADS = ("unary", "batch32", "float", "bulk", "mixed", "sporadic", "fair", "zipf")
+ZIPF_S = 1.1
+ZIPF_CALLS = 6000
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,13 @@ async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict
 
         return job
 
+    def spaced(gap_s: float) -> Job:
+        def job(t: Target) -> Awaitable[Point]:
+            calls = max(5, min(40, int(plan.seconds / (gap_s + 0.05))))
+            return load.sporadic(t.client, short, t.bulk(), gap_s=gap_s, calls=calls, ramp_s=3.0)
+
+        return job
+
     for kind, texts in corpus.kinds.items():
         for c in plan.concurrencies if "unary" in plan.loads else ():
             await point(("unary", kind, str(c)), calls(texts, 1, c))
@@ -195,7 +214,28 @@ async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict
             await point(("bulk", kind), bulk(texts[: plan.stream_limit or len(texts)]))
     for state in ("idle", "loaded") if "mixed" in plan.loads else ():
         await point(("mixed", state), mix(state == "loaded"))
+    if "sporadic" in plan.loads:
+        for gap in (0.05, 1.0):
+            await point(("sporadic", f"{gap:g}s"), spaced(gap))
+    if "zipf" in plan.loads:
+        await point(("zipf", "64"), calls(zipf_queries(short), 1, 64))
+    if "fair" in plan.loads:
+        long = corpus.kinds[corpus.long]
+        small = long[:FAIR_SMALL_JOB]
+        await point(("fair", "alone"), bulk(small))
+        await point(
+            ("fair", "behind_large"), lambda t: load.behind(t.stream, long, small, delay_s=2)
+        )
     return results
+
+
+def zipf_queries(queries: Sequence[str], n: int = ZIPF_CALLS, seed: int = 7) -> list[str]:
+    """`n` queries drawn with Zipf weights (rank r has weight r^-s), as search traffic
+    repeats its popular queries; the same draw on every run and target."""
+    rng = np.random.default_rng(seed)
+    weights = np.arange(1, len(queries) + 1, dtype=np.float64) ** -ZIPF_S
+    picks = rng.choice(len(queries), size=n, p=weights / weights.sum())
+    return [queries[i] for i in picks]
 
 
 def _service_targets(server: Server, corpus: Corpus, plan: Plan, model: str) -> list[Target]:
@@ -264,7 +304,8 @@ async def run_servers(
             vllm = await start_vllm_server(vllm_server_args(config), out / "logs" / "vllm.log")
             servers.append(vllm)
             targets.append(_vllm_target(vllm, corpus, plan, model))
-        return await compare(targets, corpus, plan)
+        # Zipf traffic is about the vector cache, which this scenario turns off.
+        return await compare(targets, corpus, replace(plan, loads=plan.loads - {"zipf"}))
     finally:
         for t in targets:
             await t.client.close()
@@ -272,6 +313,47 @@ async def run_servers(
                 await t.float_client.close()
         for server in servers:
             server.stop()
+
+
+async def run_defaults(
+    config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path
+) -> dict[str, Any]:
+    """Each server with its own defaults, as a user trying both would run them.
+
+    The service runs with every default but one, the vector cache off, for the throughput
+    points: the loads walk the same corpus again at every point, which a cache would answer.
+    The Zipf point, where repeats are the traffic, then runs against the service with all
+    its defaults, the cache included. vLLM's server gets the model and nothing else.
+    """
+    model = served_name(config)
+    model_args = ["--model", config.model]
+    logs = out / "logs"
+    results: dict[str, Any] = {}
+    vllm = await start_vllm_server(vllm_default_args(config), logs / "vllm-defaults.log")
+    try:
+        vllm_target = _vllm_target(vllm, corpus, plan, model)
+        for loads, args in (
+            (frozenset({"unary"}), [*model_args, "--vector-cache-mb", "0"]),
+            (frozenset({"zipf"}), model_args),
+        ):
+            if not loads & plan.loads:
+                continue
+            service = await start_service(args, logs / f"service-defaults-{min(loads)}.log")
+            targets = _service_targets(service, corpus, plan, model)
+            try:
+                part = await compare([*targets, vllm_target], corpus, replace(plan, loads=loads))
+            finally:
+                for t in targets:
+                    await t.client.close()
+                    if t.float_client is not None:
+                        await t.float_client.close()
+                service.stop()
+            for name, points in part.items():
+                results.setdefault(name, {}).update(points)
+    finally:
+        await vllm_target.client.close()
+        vllm.stop()
+    return results
 
 
 def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
@@ -325,11 +407,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--stream-limit", type=int, default=0, help="0: the whole corpus")
     parser.add_argument(
-        "--only", default="ceiling,service,vllm,null", help="comma-separated scenarios"
+        "--only",
+        default="ceiling,service,vllm,defaults,null",
+        help="comma-separated scenarios",
     )
     args, service_args = parser.parse_known_args(argv)
-    # Every load starts at the corpus's first text: cached prefixes would measure the cache.
-    service_args = ["--prefix-caching", "false", *(a for a in service_args if a != "--")]
+    # Every load starts at the corpus's first text: cached prefixes or vectors would measure
+    # the caches (the Zipf point, in the defaults scenario, is where the vector cache counts).
+    service_args = [
+        *("--prefix-caching", "false", "--vector-cache-mb", "0"),
+        *(a for a in service_args if a != "--"),
+    ]
     config = load_config(service_args)
     plan = Plan.from_args(args)
     only = set(args.only.split(","))
@@ -342,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenarios: dict[str, Callable[[], Any]] = {
         "ceiling": lambda: {k: run_ceiling(k, plan, service_args, out) for k in corpus.kinds},
         "servers": lambda: asyncio.run(run_servers(service_args, config, corpus, plan, out)),
+        "defaults": lambda: asyncio.run(run_defaults(config, corpus, plan, out)),
         "null": lambda: run_null_engine(plan, out),
     }
     began = time.monotonic()
@@ -356,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcome = scenario()
             if name == "servers":
                 results.update(outcome)  # one entry per target
+            elif name == "defaults":
+                results["defaults"] = outcome
             else:
                 results["null_engine" if name == "null" else name] = outcome
         except Exception as exc:  # one failed scenario must not lose the others' results

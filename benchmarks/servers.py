@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -127,7 +128,25 @@ def vllm_server_args(config: ServiceConfig) -> list[str]:
         "--max-num-seqs", str(config.max_batch_items),
         *(["--max-model-len", str(config.max_model_len)] if config.max_model_len else []),
         "--enforce-eager" if config.enforce_eager else "--no-enforce-eager",
+        # The service's engine default on one device (service/engines/vllm_engine.py).
+        "--distributed-executor-backend", "uni",
+        *shlex.split(config.vllm_args),  # the same passthrough, last so it wins
         *([] if config.prefix_caching else ["--no-enable-prefix-caching"]),
+        "--disable-uvicorn-access-log",
+        "--disable-log-stats",
+    ]  # fmt: skip
+
+
+def vllm_default_args(config: ServiceConfig) -> list[str]:
+    """vLLM's server with its own engine defaults: only the model, its name, the pooling
+    runner (which a user serving embeddings must ask for), and the service's memory share.
+    vLLM's own share, 92% of RAM on CPU, cannot start beside another engine; it sizes the KV
+    cache only, which a small embedding model never fills."""
+    return [
+        "--model", str(resolve_model_path(config.model)),
+        "--served-model-name", served_name(config),
+        "--runner", "pooling",
+        "--gpu-memory-utilization", str(config.gpu_memory_utilization),
         "--disable-uvicorn-access-log",
         "--disable-log-stats",
     ]  # fmt: skip

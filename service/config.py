@@ -53,12 +53,25 @@ class ServiceConfig:
         0.1, "fraction of GPU memory (of RAM on CPU) vLLM may use; 0.9 suits a dedicated GPU"
     )
     enforce_eager: bool = _opt(
-        True, "disable torch.compile/CUDA graphs (avoids vLLM #48901; faster start)"
+        False,
+        "disable torch.compile and CUDA graphs: starts faster, runs slower (compile is safe"
+        " here: the service turns chunked prefill off, which vLLM #48901 needs)",
     )
     prefix_caching: bool = _opt(
         True,
         "let vLLM reuse the KV cache of shared prefixes (instructions) where the model"
         " allows it; false turns it off",
+    )
+    vllm_args: str = _opt(
+        "",
+        "more vLLM engine arguments, in vLLM's own syntax (\"--quantization awq"
+        ' --kv-cache-dtype fp8"; write --vllm-args=--flag for a single flag); checked at'
+        " start against vLLM's definitions; the settings the flags here set are refused",
+    )
+    vector_cache_mb: int = _opt(
+        256,
+        "exact-match cache of raw vectors keyed by the input's token ids, in MiB; identical"
+        " inputs in flight share one engine request (0: off)",
     )
     min_dimensions: int = _opt(32, "smallest Matryoshka dimension accepted")
     instruction_template: str = _opt(
@@ -82,9 +95,9 @@ class ServiceConfig:
     max_queue_items: int = _opt(8192, "bound on queued items")
     bulk_queue_share: float = _opt(0.75, "share of the queue stream items may hold")
     interactive_step_ms: float = _opt(
-        50.0,
-        "while unary calls are live, stream batches are sized to take about this long"
-        " in the engine, which bounds a unary call's wait behind them (0: no cap)",
+        150.0,
+        "stream batches are sized from the measured engine speed to take about this long,"
+        " which bounds a unary call's wait behind bulk work (0: full-size stream batches)",
     )
 
     # Request limits
@@ -92,7 +105,12 @@ class ServiceConfig:
         2048, "texts per Embed call, queries+documents per Similarity"
     )
     max_input_chars: int = _opt(262144, "characters per input, checked before tokenizing")
-    stream_max_inflight: int = _opt(1024, "items of one stream accepted but not yet answered")
+    stream_max_inflight: int = _opt(1024, "items of one stream read but not yet answered")
+    streams_max_inflight: int = _opt(
+        0,
+        "items read but not yet answered across all streams together (0: the BULK share of"
+        " --max-queue-items); a stream past its share stops being read",
+    )
 
     max_request_tokens: int = _opt(
         131072, "tokens per Embed call (and per side of a Similarity call)"
@@ -130,6 +148,12 @@ class ServiceConfig:
         "INFO", "logging level; DEBUG also shows vLLM's own start-up lines (else warnings only)"
     )
 
+    @property
+    def streams_total(self) -> int:
+        """The server-wide bound on stream items in flight."""
+        derived = max(1, int(self.max_queue_items * self.bulk_queue_share))
+        return self.streams_max_inflight or derived
+
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_items < 1:
             raise ValueError("max_batch_tokens and max_batch_items must be positive")
@@ -143,6 +167,10 @@ class ServiceConfig:
             raise ValueError("engine must be vllm or null")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.vector_cache_mb < 0:
+            raise ValueError("vector_cache_mb must be >= 0")
+        if self.stream_max_inflight < 1 or self.streams_max_inflight < 0:
+            raise ValueError("stream_max_inflight must be >= 1, streams_max_inflight >= 0")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file")
 

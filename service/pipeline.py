@@ -12,15 +12,31 @@ import contextlib
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 import numpy as np
 
 from service import postprocess
 from service.batching import Batcher, BatcherClosedError, ItemResult, Priority, QueueFullError
-from service.errors import InvalidInputError
-from service.tokenization import TextTokenizer, TokenizedInput, Truncation
+from service.chunking import ChunkSpec, Span
+from service.errors import TOO_MANY_TOKENS, InvalidInputError
+from service.tokenization import (
+    ChunkedInput,
+    TextTokenizer,
+    TokenizedInput,
+    TokenSpans,
+    Truncation,
+)
+from service.vector_cache import CachingBatcher
+
+
+@dataclass(frozen=True)
+class View:
+    """One more resolution of each vector: Matryoshka dimensions and an encoding."""
+
+    dimensions: int
+    encoding: postprocess.Encoding
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,8 @@ class EmbedSpec:
     normalize: bool
     truncation: Truncation
     encoding: postprocess.Encoding
+    chunking: ChunkSpec | None = None
+    views: tuple[View, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class Timing:
     tokenize_s: float
     queue_s: float
     inference_s: float
+    cached: int = 0  # inputs (or chunks) answered from the vector cache
 
 
 @dataclass(frozen=True)
@@ -56,13 +75,47 @@ Inputs = Sequence[str] | TokenInputs
 
 @dataclass(frozen=True)
 class EmbedOutcome:
-    vectors: postprocess.FloatMatrix  # sliced and (if asked) normalized, one row per text
-    inputs: list[TokenizedInput]
+    """Vectors of some inputs, one row each. For a chunked input, `raw` is the token-
+    weighted mean of its chunks' normalized vectors, and `chunks` holds the chunks."""
+
+    raw: postprocess.FloatMatrix  # full size, as the engine gave them
+    vectors: postprocess.FloatMatrix  # sliced and (if asked) normalized
+    inputs: list[TokenizedInput]  # a chunked input's: all its chunks' ids together
     timing: Timing
+    chunks: list[Chunks] | None = None  # per input, when the call was chunked
 
     @property
     def prompt_tokens(self) -> int:
         return sum(len(t.ids) for t in self.inputs)
+
+    def row(self, i: int, timing: Timing) -> EmbedOutcome:
+        return EmbedOutcome(
+            raw=self.raw[i : i + 1],
+            vectors=self.vectors[i : i + 1],
+            inputs=self.inputs[i : i + 1],
+            timing=timing,
+            chunks=None if self.chunks is None else self.chunks[i : i + 1],
+        )
+
+    @classmethod
+    def join(cls, parts: Sequence[EmbedOutcome]) -> EmbedOutcome:
+        """Several outcomes with the same options as one (the first one's timing)."""
+        chunks = [c for p in parts for c in p.chunks or ()] if parts[0].chunks else None
+        return cls(
+            raw=np.concatenate([p.raw for p in parts]),
+            vectors=np.concatenate([p.vectors for p in parts]),
+            inputs=[t for p in parts for t in p.inputs],
+            timing=parts[0].timing,
+            chunks=chunks,
+        )
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """The chunks of one input: their spans in its text and their own vectors."""
+
+    spans: list[Span]
+    outcome: EmbedOutcome
 
 
 @dataclass(frozen=True)
@@ -112,7 +165,7 @@ class Embedder:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        batcher: Batcher,
+        batcher: Batcher | CachingBatcher,
         max_request_tokens: int,
         stages: StageObserver | None = None,
     ) -> None:
@@ -129,27 +182,25 @@ class Embedder:
         stages = self._stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
-            if isinstance(texts, TokenInputs):
-                inputs = self._tokenizer.from_ids(texts.ids, spec.truncation, field)
-            else:
-                tokenizer = self._tokenizer
-                inputs = await tokenizer.tokenize(texts, spec.prefix, spec.truncation, field)
+            prepared = _all_or_raise(await self._prepare(texts, spec, field))
         tokenized = time.perf_counter()
-        stages.tokenized(inputs)
-        total = sum(len(t.ids) for t in inputs)
+        units = [t for p in prepared for t in _units(p)]
+        stages.tokenized(units)
+        total = sum(len(t.ids) for t in units)
         if total > self._max_request_tokens:
             raise InvalidInputError(
                 field,
                 f"{total} tokens in one request exceed the limit of {self._max_request_tokens}",
+                TOO_MANY_TOKENS,
             )
         submitted_ns = time.time_ns()
         futures = self._batcher.submit(
-            [t.ids for t in inputs], Priority.INTERACTIVE, deadline, stages.caller()
+            [t.ids for t in units], Priority.INTERACTIVE, deadline, stages.caller()
         )
         results = await _gather(futures)
         stages.batched(submitted_ns, results)
         with stages.stage("postprocess"):
-            return _outcome(inputs, results, spec, tokenized - started)
+            return _assemble(prepared, results, spec, tokenized - started)
 
     async def similarity(
         self,
@@ -160,7 +211,7 @@ class Embedder:
         fields: tuple[str, str] = ("queries", "documents"),
     ) -> SimilarityOutcome:
         """Cosine scores: the queries laid out as `spec` says, the documents as they are."""
-        doc_spec = EmbedSpec("", spec.dimensions, True, spec.truncation, spec.encoding)
+        doc_spec = replace(spec, prefix="", normalize=True)
         q, d = await asyncio.gather(
             self.embed(queries, spec, fields[0], deadline),
             self.embed(documents, doc_spec, fields[1], deadline),
@@ -170,59 +221,90 @@ class Embedder:
         )
 
     async def embed_bulk(
-        self, texts: Sequence[str], spec: EmbedSpec, field: str, deadline: float | None
+        self,
+        texts: Sequence[str],
+        spec: EmbedSpec,
+        field: str,
+        deadline: float | None,
+        flow: object | None = None,
     ) -> list[EmbedOutcome | Exception]:
         """Stream path: independent texts, each answered with its own outcome or error.
 
         Items wait for room in the bulk share of the queue instead of failing. Taking the
         stream's items a group at a time lets tokenization and post-processing run once
-        per group rather than once per item.
+        per group rather than once per item. `flow` (the stream) is the fair share of the
+        engine the items belong to. A chunked text's chunks go to the batcher one by one,
+        each counting against the budgets on its own.
         """
         started = time.perf_counter()
-        tokenized = await self._tokenizer.tokenize_each(
-            texts, spec.prefix, spec.truncation, field, indexed=False
-        )
+        prepared = await self._prepare(texts, spec, field, indexed=False)
         tokenize_s = time.perf_counter() - started
         # No stage spans per stream item (a bulk stream has millions); metrics and the batch
         # span's link to the stream's span still see them.
-        self._stages.tokenized([t for t in tokenized if isinstance(t, TokenizedInput)])
+        self._stages.tokenized(
+            [t for p in prepared if not isinstance(p, InvalidInputError) for t in _units(p)]
+        )
         caller = self._stages.caller()
-        outcomes: list[EmbedOutcome | Exception | None] = [
-            t if isinstance(t, InvalidInputError) else None for t in tokenized
-        ]
-        futures: dict[int, asyncio.Future[ItemResult]] = {}
+        failed: dict[int, Exception] = {
+            i: p for i, p in enumerate(prepared) if isinstance(p, InvalidInputError)
+        }
+        futures: list[tuple[int, asyncio.Future[ItemResult]]] = []
         try:
-            for i, item in enumerate(tokenized):
+            for i, item in enumerate(prepared):
                 if isinstance(item, InvalidInputError):
                     continue
-                try:
-                    futures[i] = await self._batcher.submit_when_ready(
-                        item.ids, Priority.BULK, deadline, caller
-                    )
-                except (QueueFullError, BatcherClosedError, ValueError) as exc:
-                    outcomes[i] = exc
-            done = await asyncio.gather(*futures.values(), return_exceptions=True)
+                for unit in _units(item):
+                    try:
+                        future = await self._batcher.submit_when_ready(
+                            unit.ids, Priority.BULK, deadline, caller, flow
+                        )
+                    except (QueueFullError, BatcherClosedError, ValueError) as exc:
+                        failed[i] = exc
+                        break
+                    futures.append((i, future))
+            done = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
         finally:
-            for f in futures.values():  # only still-pending ones: the caller went away
+            for _, f in futures:  # only still-pending ones: the caller went away
                 f.cancel()
-        good: list[tuple[int, ItemResult]] = []
-        for i, result in zip(futures, done, strict=True):
+        results: dict[int, list[ItemResult]] = {}
+        for (i, _), result in zip(futures, done, strict=True):
             if isinstance(result, ItemResult):
-                good.append((i, result))
+                results.setdefault(i, []).append(result)
             elif isinstance(result, Exception):
-                outcomes[i] = result
+                failed.setdefault(i, result)
             else:
                 raise result  # cancelled
+        good = [i for i in range(len(prepared)) if i not in failed]
+        outcomes: list[EmbedOutcome | Exception] = [
+            failed.get(i, _NOT_SET) for i in range(len(prepared))
+        ]
         if good:
-            raw = np.array([r.vector for _, r in good])
-            vectors = postprocess.shape(raw, spec.dimensions, spec.normalize)
-            for row, (i, r) in enumerate(good):
-                outcomes[i] = EmbedOutcome(
-                    vectors=vectors[row : row + 1],
-                    inputs=[cast(TokenizedInput, tokenized[i])],
-                    timing=Timing(tokenize_s, r.queue_s, r.inference_s),
-                )
-        return cast(list[EmbedOutcome | Exception], outcomes)  # every index was set above
+            joined = _assemble(
+                [cast(Prepared, prepared[i]) for i in good],
+                [r for i in good for r in results[i]],
+                spec,
+                tokenize_s,
+            )
+            for row, i in enumerate(good):
+                outcomes[i] = joined.row(row, _timing(tokenize_s, results[i]))
+        return outcomes
+
+    async def _prepare(
+        self, texts: Inputs, spec: EmbedSpec, field: str, indexed: bool = True
+    ) -> list[Prepared | InvalidInputError]:
+        """Each input as the engine will see it: token ids, or chunks of them."""
+        tokenizer = self._tokenizer
+        if isinstance(texts, TokenInputs):
+            return list(tokenizer.from_ids(texts.ids, spec.truncation, field))
+        if spec.chunking is not None:
+            return list(await tokenizer.chunk_each(texts, spec.prefix, spec.chunking))
+        return list(
+            await tokenizer.tokenize_each(texts, spec.prefix, spec.truncation, field, indexed)
+        )
+
+    async def tokenize(self, texts: Sequence[str], spec: EmbedSpec, field: str) -> list[TokenSpans]:
+        """The ids `embed` would send the engine for each text, with their spans."""
+        return await self._tokenizer.spans(texts, spec.prefix, spec.truncation, field)
 
     def _check_deadline(self, deadline: float | None) -> None:
         # Refusing now is kinder than queueing work that will be thrown away: the caller can
@@ -247,16 +329,61 @@ async def _gather(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]
             f.cancel()
 
 
-def _outcome(
-    inputs: list[TokenizedInput], results: list[ItemResult], spec: EmbedSpec, tokenize_s: float
+def view_vectors(
+    outcome: EmbedOutcome, spec: EmbedSpec
+) -> list[tuple[View, postprocess.FloatMatrix]]:
+    """Each asked view's vectors, shaped from the same raw vectors as the main ones."""
+    return [(v, postprocess.shape(outcome.raw, v.dimensions, spec.normalize)) for v in spec.views]
+
+
+Prepared = TokenizedInput | ChunkedInput
+_NOT_SET = RuntimeError("not set")  # replaced for every index before embed_bulk returns
+
+
+def _units(item: Prepared) -> list[TokenizedInput]:
+    """What goes to the engine for one input: itself, or its chunks."""
+    return item.chunks if isinstance(item, ChunkedInput) else [item]
+
+
+def _all_or_raise(items: list[Prepared | InvalidInputError]) -> list[Prepared]:
+    for item in items:
+        if isinstance(item, InvalidInputError):
+            raise item
+    return cast(list[Prepared], items)
+
+
+def _timing(tokenize_s: float, results: Sequence[ItemResult]) -> Timing:
+    return Timing(
+        tokenize_s=tokenize_s,
+        queue_s=max(r.queue_s for r in results),
+        inference_s=max(r.inference_s for r in results),
+        cached=sum(r.cached for r in results),
+    )
+
+
+def _assemble(
+    prepared: Sequence[Prepared], results: Sequence[ItemResult], spec: EmbedSpec, tokenize_s: float
 ) -> EmbedOutcome:
+    """The inputs' outcome from the engine's results, one per unit in order."""
+    timing = _timing(tokenize_s, results)
     raw = np.array([r.vector for r in results])  # np.stack costs 5x more on one row
+    vectors = postprocess.shape(raw, spec.dimensions, spec.normalize)
+    if spec.chunking is None:
+        return EmbedOutcome(raw, vectors, cast(list[TokenizedInput], list(prepared)), timing)
+    # An input's vector: the token-weighted mean of its chunks' normalized full vectors.
+    unit = postprocess.shape(raw, raw.shape[1], normalize=True)
+    means, inputs, chunks = [], [], []
+    start = 0
+    for item in cast(Sequence[ChunkedInput], prepared):
+        end = start + len(item.chunks)
+        weights = np.array([len(c.ids) for c in item.chunks], dtype=np.float32)
+        means.append(weights @ unit[start:end] / weights.sum())
+        ids = [i for c in item.chunks for i in c.ids]
+        inputs.append(TokenizedInput(ids, any(c.truncated for c in item.chunks)))
+        part = EmbedOutcome(raw[start:end], vectors[start:end], item.chunks, timing)
+        chunks.append(Chunks(item.spans, part))
+        start = end
+    mean = np.array(means, dtype=np.float32)
     return EmbedOutcome(
-        vectors=postprocess.shape(raw, spec.dimensions, spec.normalize),
-        inputs=inputs,
-        timing=Timing(
-            tokenize_s=tokenize_s,
-            queue_s=max(r.queue_s for r in results),
-            inference_s=max(r.inference_s for r in results),
-        ),
+        mean, postprocess.shape(mean, spec.dimensions, spec.normalize), inputs, timing, chunks
     )

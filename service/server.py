@@ -22,6 +22,7 @@ from embedding.v1 import embedding_pb2 as pb
 from service import version
 from service.api.grpc.auth import ApiKeyInterceptor
 from service.api.grpc.servicer import EmbeddingServicer, add_servicer
+from service.api.grpc.stream_budget import StreamBudget
 from service.api.http.app import HttpApi
 from service.api.http.server import HttpServer, TlsFiles
 from service.api.keys import ApiKeys, load_keys
@@ -31,10 +32,12 @@ from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
 from service.engines.base import Engine, EngineUnavailableError
 from service.errors import ModelLoadError
+from service.memory import HeapTrimmer
 from service.model_card import load_model_card, resolve_model_path
 from service.pipeline import Embedder
 from service.telemetry import Telemetry
 from service.tokenization import TextTokenizer
+from service.vector_cache import CachingBatcher, VectorCache
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +62,31 @@ _QUIET_ENGINE_ENV = {
 }
 
 
-def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
-    quiet = logging.getLevelName(config.log_level.upper()) != logging.DEBUG
+def _quiet_vllm(config: ServiceConfig) -> bool:
+    """Hide vLLM's start-up chatter unless logging at DEBUG; before vllm is imported."""
+    quiet: bool = logging.getLevelName(config.log_level.upper()) != logging.DEBUG
     if quiet:
         for variable, value in _QUIET_ENGINE_ENV.items():
             os.environ.setdefault(variable, value)
         # vLLM logs while it is imported, before it configures its own logger.
         logging.getLogger("vllm").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
+    return quiet
+
+
+def check_vllm_args(config: ServiceConfig) -> None:
+    """Parse --vllm-args with vLLM's own definitions (seconds, not the minutes of a model
+    load); raises ValueError ("--vllm-args: ...") naming what is wrong."""
+    if config.engine != "vllm" or not config.vllm_args:
+        return
+    _quiet_vllm(config)
+    from service.engines.vllm_engine import parse_vllm_args
+
+    parse_vllm_args(config.vllm_args)
+
+
+def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
+    quiet = _quiet_vllm(config)
     from service.engines.vllm_engine import VllmEngine, VllmSettings
 
     return VllmEngine.load(
@@ -81,6 +101,7 @@ def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engi
             enforce_eager=config.enforce_eager,
             prefix_caching=config.prefix_caching,
             progress_bars=not quiet,
+            vllm_args=config.vllm_args,
         )
     )
 
@@ -107,6 +128,7 @@ class Components:
     tokenizer: TextTokenizer
     batcher: Batcher
     runtime: Runtime
+    cache: VectorCache | None = None
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -156,7 +178,8 @@ async def build_components(
         ),
         observer=telemetry.batch_observer,
     )
-    telemetry.watch(batcher, engine)
+    cache = VectorCache(config.vector_cache_mb * 2**20) if config.vector_cache_mb else None
+    telemetry.watch(batcher, engine, cache)
     await batcher.start()
     validator = RequestValidator(
         card,
@@ -165,6 +188,7 @@ async def build_components(
             max_input_chars=config.max_input_chars,
             min_dimensions=min(config.min_dimensions, info.dimension),
             dimension=info.dimension,
+            max_input_tokens=info.max_input_tokens,
         ),
     )
     limits = ServerLimits(
@@ -177,16 +201,20 @@ async def build_components(
         max_request_bytes=config.max_request_bytes,
         max_request_tokens=request_tokens_limit(config, budget),
         min_dimensions=min(config.min_dimensions, info.dimension),
-        stream_max_inflight=config.stream_max_inflight,
     )
     runtime = Runtime(
-        embedder=Embedder(tokenizer, batcher, limits.max_request_tokens, telemetry.stages),
+        embedder=Embedder(
+            tokenizer,
+            batcher if cache is None else CachingBatcher(batcher, cache),
+            limits.max_request_tokens,
+            telemetry.stages,
+        ),
         validator=validator,
         card=card,
         info=info,
         limits=limits,
     )
-    return Components(engine, tokenizer, batcher, runtime)
+    return Components(engine, tokenizer, batcher, runtime, cache)
 
 
 async def warm_up(runtime: Runtime) -> None:
@@ -211,6 +239,10 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         # Long embedding calls send no data frames; let clients keep connections alive.
         ("grpc.keepalive_permit_without_calls", 1),
+        # No window growth from bandwidth probes: a stream the server stops reading (it has
+        # no room for more items) would otherwise keep megabytes of its client's messages
+        # buffered in grpc, out of reach of the stream budget.
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ]
 
@@ -257,7 +289,9 @@ class EmbeddingServer:
         self.grpc = grpc.aio.server(
             options=grpc_options(config), interceptors=[*hooks, *auth] if auth else []
         )
-        self.servicer = EmbeddingServicer(self.gate, config.timing_metadata)
+        self.heap = HeapTrimmer()
+        streams = StreamBudget(config.streams_total, config.stream_max_inflight, self.heap.request)
+        self.servicer = EmbeddingServicer(self.gate, streams, config.timing_metadata)
         self.health = health.aio.HealthServicer()
         add_servicer(self.servicer, self.grpc, hooks[0].wrap if hooks and not auth else None)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -316,6 +350,8 @@ class EmbeddingServer:
             await self.http.start()
         self.telemetry.start()  # /metrics answers while the engine loads (engine_up 0)
         log.info("loading %s", self.config.model)
+        # A misspelt engine argument fails here, before the model loads.
+        await asyncio.to_thread(check_vllm_args, self.config)
         self._components = await build_components(self.config, self._engine_factory, self.telemetry)
         await warm_up(self._components.runtime)
         engine = self._components.engine

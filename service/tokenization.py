@@ -18,6 +18,7 @@ from typing import cast
 
 from tokenizers import Encoding, Tokenizer
 
+from service.chunking import Chunker, ChunkSpec, Span
 from service.errors import InputTooLongError, InvalidInputError
 
 
@@ -30,6 +31,25 @@ class Truncation(enum.Enum):
 @dataclass(frozen=True)
 class TokenizedInput:
     ids: list[int]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class ChunkedInput:
+    """One text cut into chunks, each a whole model input, with its span in the text."""
+
+    chunks: list[TokenizedInput]
+    spans: list[Span]
+
+
+@dataclass(frozen=True)
+class TokenSpans:
+    """What Tokenize answers for one text: the ids Embed would send, and where the tokens
+    from the text sit in it (offsets[i] belongs to ids[text_start + i])."""
+
+    ids: list[int]
+    offsets: list[Span]
+    text_start: int
     truncated: bool
 
 
@@ -57,6 +77,7 @@ class TextTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self._head, self._tail = _special_tokens(self._tok)
+        self._chunker = Chunker(self._tok)
         self.max_tokens = max_tokens
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize")
         # Handing work to a thread costs the event loop about as much as tokenizing a
@@ -130,6 +151,23 @@ class TextTokenizer:
             self._pool, self._each, texts, prefix, truncation, field, indexed
         )
 
+    async def chunk_each(
+        self, texts: Sequence[str], prefix: str, spec: ChunkSpec
+    ) -> list[ChunkedInput | InvalidInputError]:
+        """Each text as chunks that fit `spec`. A text that fits is one chunk spanning all
+        of it; nothing is refused for its length."""
+        if sum(map(len, texts)) + len(prefix) * len(texts) <= self._inline_chars:
+            return self._chunk_each(texts, prefix, spec)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._chunk_each, texts, prefix, spec)
+
+    async def spans(
+        self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str
+    ) -> list[TokenSpans]:
+        """Tokenize's answer: the ids `tokenize` gives, with the texts' token offsets."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._spans, texts, prefix, truncation, field)
+
     def tokenize_sync(
         self,
         texts: Sequence[str],
@@ -160,6 +198,85 @@ class TextTokenizer:
                     out.append(exc)
                     continue
             out.append(TokenizedInput(self._head + ids + self._tail, truncated))
+        return out
+
+    def _chunk_each(
+        self, texts: Sequence[str], prefix: str, spec: ChunkSpec
+    ) -> list[ChunkedInput | InvalidInputError]:
+        budget = spec.max_tokens - self.special_count
+        n_prefix = len(self._tok.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+        # The splitter counts a chunk's text alone; laid after the prefix, its first token
+        # may come out differently, so one token of slack.
+        room = budget - n_prefix - (1 if prefix else 0)
+        if room < 1:
+            error = InvalidInputError(
+                f"{spec.field}.max_tokens",
+                f"{spec.max_tokens} leaves no room for text after the "
+                f"{n_prefix + self.special_count} tokens of the instruction and special tokens",
+            )
+            return [error] * len(texts)
+        overlap = max(min(spec.overlap_tokens, room // 2 - 1), 0)
+        full = [prefix + t for t in texts] if prefix else list(texts)
+        encodings = self._tok.encode_batch_fast(full, add_special_tokens=False)
+        out: list[ChunkedInput | InvalidInputError] = []
+        for text, enc in zip(texts, encodings, strict=True):
+            if len(enc.ids) <= budget:
+                whole = TokenizedInput(self._head + enc.ids + self._tail, False)
+                out.append(ChunkedInput([whole], [(0, len(text))]))
+                continue
+            cuts = self._chunker.spans(text, room, overlap) or [((0, len(text)), 0)]
+            spans = [span for span, _ in cuts]
+            pieces = [prefix + text[start:end] for start, end in spans]
+            chunks = []
+            encoded = self._tok.encode_batch_fast(pieces, add_special_tokens=False)
+            for k, piece in enumerate(encoded):
+                ids = piece.ids
+                if len(ids) > budget and cuts[k][1] != spans[k][0]:
+                    # Over by a token at a boundary: this one goes without its overlap.
+                    spans[k] = (cuts[k][1], spans[k][1])
+                    again = prefix + text[spans[k][0] : spans[k][1]]
+                    ids = self._tok.encode(again, add_special_tokens=False).ids
+                # Only a span the splitter could not cut (whitespace it trims) is still over.
+                chunks.append(
+                    TokenizedInput(self._head + ids[:budget] + self._tail, len(ids) > budget)
+                )
+            out.append(ChunkedInput(chunks, spans))
+        return out
+
+    def _spans(
+        self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str
+    ) -> list[TokenSpans]:
+        budget = self.max_tokens - self.special_count
+        out = []
+        for i, (text, enc) in enumerate(
+            zip(
+                texts,
+                self._tok.encode_batch([prefix + t for t in texts], add_special_tokens=False),
+                strict=True,
+            )
+        ):
+            # Offsets are code points into prefix + text, as Python indexes it.
+            n_prefix = sum(1 for start, _ in enc.offsets if start < len(prefix)) if prefix else 0
+            ids, offsets = enc.ids, enc.offsets
+            # Over the window with truncation refused, Embed would refuse the text; its ids
+            # come back whole, which is what a caller counting or chunking by itself needs.
+            truncated = len(ids) > budget and truncation is not Truncation.REFUSE
+            if truncated:
+                kept = self._truncate(
+                    prefix + text, len(prefix), budget, truncation, f"{field}[{i}]"
+                )
+                if truncation is Truncation.END:
+                    offsets = offsets[: len(kept)]
+                else:
+                    offsets = offsets[:n_prefix] + offsets[len(ids) - (len(kept) - n_prefix) :]
+                ids = kept
+            shift = len(prefix)
+            spans = [(start - shift, end - shift) for start, end in offsets[n_prefix:]]
+            out.append(
+                TokenSpans(
+                    self._head + ids + self._tail, spans, len(self._head) + n_prefix, truncated
+                )
+            )
         return out
 
     def _truncate(

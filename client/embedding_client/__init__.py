@@ -2,19 +2,45 @@
 
 from embedding_client.async_client import AsyncEmbeddingClient
 from embedding_client.channel import DEFAULT_SERVICE_CONFIG, channel_options
-from embedding_client.codec import Options, decode, decode_all
-from embedding_client.results import EmbedResult, SimilarityResult, StreamResult
+from embedding_client.codec import Options, decode, decode_all, decode_view, decode_views
+from embedding_client.results import (
+    ChunkResult,
+    EmbedResult,
+    SimilarityResult,
+    StreamResult,
+    TokenizedResult,
+)
 from embedding_client.sync_client import EmbeddingClient
+from embedding_client.vectors import (
+    hamming,
+    hamming_matrix,
+    int8_dot,
+    int8_dot_matrix,
+    int8_rows,
+    packed_rows,
+    unpack_binary,
+)
 
 __all__ = [
     "DEFAULT_SERVICE_CONFIG",
     "AsyncEmbeddingClient",
+    "ChunkResult",
     "EmbedResult",
     "EmbeddingClient",
     "Options",
     "SimilarityResult",
     "StreamResult",
+    "TokenizedResult",
     "channel_options",
     "decode",
     "decode_all",
+    "decode_view",
+    "decode_views",
+    "hamming",
+    "hamming_matrix",
+    "int8_dot",
+    "int8_dot_matrix",
+    "int8_rows",
+    "packed_rows",
+    "unpack_binary",
 ]

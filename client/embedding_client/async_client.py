@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from embedding_client import splitting
 from embedding_client.channel import channel_options
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
@@ -18,8 +20,13 @@ from embedding_client.requests import (
     embed_request,
     similarity_request,
     stream_requests,
+    tokenize_request,
 )
-from embedding_client.results import EmbedResult, SimilarityResult, StreamResult
+from embedding_client.results import EmbedResult, SimilarityResult, StreamResult, TokenizedResult
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+R = TypeVar("R")
 
 
 class AsyncEmbeddingClient:
@@ -33,7 +40,10 @@ class AsyncEmbeddingClient:
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
+        max_concurrency: int = splitting.DEFAULT_MAX_CONCURRENCY,
     ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
         opts = channel_options(service_config)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
@@ -43,11 +53,41 @@ class AsyncEmbeddingClient:
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._metadata = tuple(metadata)
         self._timeout = timeout
+        self._max_concurrency = max_concurrency
+        self._info: pb.GetModelInfoResponse | None = None
+        self._info_lock = asyncio.Lock()
 
     async def embed(self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]) -> EmbedResult:
-        req = embed_request(inputs, Options(**options))
-        resp = await self._stub.Embed(req, timeout=self._timeout, metadata=self._metadata)
-        return EmbedResult.from_proto(resp)
+        """Embed `inputs`; a list over the server's limits goes as several calls, and the
+        result is as from one call."""
+        opts = Options(**options)
+        texts = list(inputs)
+        return await self._split(
+            texts,
+            plan=lambda info: splitting.plan_embed(texts, opts, info, self._max_concurrency),
+            method=self._stub.Embed,
+            build=lambda part: embed_request(part, opts),
+            convert=EmbedResult.from_proto,
+            merge=EmbedResult.concat,
+        )
+
+    async def tokenize(
+        self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]
+    ) -> list[TokenizedResult]:
+        """The token ids Embed would send the engine for each input, with their spans.
+
+        instruction, prompt_name and truncate apply as in embed; the rest is ignored.
+        """
+        opts = Options(**options)
+        texts = list(inputs)
+        return await self._split(
+            texts,
+            plan=lambda info: splitting.plan_tokenize(texts, info),
+            method=self._stub.Tokenize,
+            build=lambda part: tokenize_request(part, opts),
+            convert=TokenizedResult.all_from_proto,
+            merge=lambda parts: [r for part in parts for r in part],
+        )
 
     async def embed_stream(
         self,
@@ -85,6 +125,67 @@ class AsyncEmbeddingClient:
         return await self._stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self._timeout, metadata=self._metadata
         )
+
+    async def _limits(self) -> pb.GetModelInfoResponse:
+        """GetModelInfo, asked once per client (the first large call) and kept; concurrent
+        first calls wait for the one asking."""
+        async with self._info_lock:
+            if self._info is None:
+                self._info = await self.model_info()
+            return self._info
+
+    async def _split(
+        self,
+        texts: list[str],
+        *,
+        plan: Callable[[pb.GetModelInfoResponse | None], list[range]],
+        method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp],
+        build: Callable[[Sequence[str]], Req],
+        convert: Callable[[Resp], R],
+        merge: Callable[[list[R]], R],
+    ) -> R:
+        """One call of `method` on `texts`, or several on slices of them as `plan` says."""
+        info = await self._limits() if splitting.needs_limits(texts) else self._info
+        pieces = plan(info)
+        if len(pieces) == 1:
+            # Within the limits: one plain call, as the client always made.
+            try:
+                resp = await method(build(texts), timeout=self._timeout, metadata=self._metadata)
+                return convert(resp)
+            except grpc.aio.AioRpcError as exc:
+                if not splitting.can_split(exc, pieces[0]):
+                    raise
+            pieces = splitting.replan(plan(await self._limits()), pieces[0])
+
+        async def send(piece: range) -> R:
+            part = build(texts[piece.start : piece.stop])
+            return convert(await method(part, timeout=self._timeout, metadata=self._metadata))
+
+        return await self._run(splitting.SplitRun(pieces, merge), send)
+
+    async def _run(self, run: splitting.SplitRun[R], send: Callable[[range], Awaitable[R]]) -> R:
+        """Drive `run` with at most max_concurrency calls in flight; the first failure that
+        splitting cannot help cancels the rest and is raised."""
+        inflight: dict[asyncio.Task[R], range] = {}
+        try:
+            while run.has_work or inflight:
+                while run.has_work and len(inflight) < self._max_concurrency:
+                    piece = run.take()
+                    inflight[asyncio.ensure_future(send(piece))] = piece
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    piece = inflight.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        run.succeeded(piece, task.result())
+                    else:
+                        run.failed(piece, exc)
+        finally:
+            for task in inflight:
+                task.cancel()
+            # Collect the cancelled calls so none is left with an unretrieved exception.
+            await asyncio.gather(*inflight, return_exceptions=True)
+        return run.result()
 
     async def close(self) -> None:
         await self._channel.close()

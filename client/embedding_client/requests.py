@@ -48,3 +48,7 @@ def similarity_request(
     return pb.SimilarityRequest(
         queries=list(queries), documents=list(documents), options=options.to_proto(), top_k=top_k
     )
+
+
+def tokenize_request(inputs: Sequence[str], options: Options) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(inputs=list(inputs), options=options.to_proto())

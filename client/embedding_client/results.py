@@ -2,36 +2,118 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 from google.rpc import status_pb2
 
 from embedding.v1 import embedding_pb2 as pb
-from embedding_client.codec import decode, decode_all
+from embedding_client.codec import decode, decode_all, decode_view, decode_views
+
+Vector = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkResult:
+    """One chunk of a chunked input: `text[char_start:char_end]` and its own vector.
+
+    `views` holds the chunk's vector in each requested view, in the views' order. Compared
+    by identity (it holds arrays).
+    """
+
+    char_start: int
+    char_end: int
+    vector: Vector
+    token_count: int
+    views: list[Vector]
+
+    @classmethod
+    def from_proto(cls, chunk: pb.Chunk) -> ChunkResult:
+        e = chunk.embedding
+        return cls(
+            char_start=chunk.char_start,
+            char_end=chunk.char_end,
+            vector=decode(e),
+            token_count=e.token_count,
+            views=[decode_view(v) for v in e.views],
+        )
+
+
+def _chunks(embedding: pb.Embedding) -> list[ChunkResult]:
+    return [ChunkResult.from_proto(c) for c in embedding.chunks]
 
 
 @dataclass(frozen=True)
 class EmbedResult:
-    """Vectors of one Embed call, in input order, decoded to float32."""
+    """Vectors of one Embed call, in input order, decoded to float32.
 
-    vectors: npt.NDArray[np.float32]
+    `views[j]` is the (n, dimensions) matrix of the j-th requested view; `chunks[i]` lists
+    input i's chunks (empty without chunking); `cached` counts the inputs (or chunks) the
+    server answered from its vector cache.
+    """
+
+    vectors: Vector
     token_counts: list[int]
     truncated: list[bool]
     model: str
     prompt_tokens: int
     response: pb.EmbedResponse
+    views: list[Vector] = field(default_factory=list)
+    chunks: list[list[ChunkResult]] = field(default_factory=list)
+    cached: int = 0
 
     @classmethod
     def from_proto(cls, resp: pb.EmbedResponse) -> EmbedResult:
+        embeddings = list(resp.embeddings)
         return cls(
-            vectors=decode_all(list(resp.embeddings)),
-            token_counts=[e.token_count for e in resp.embeddings],
-            truncated=[e.truncated for e in resp.embeddings],
+            vectors=decode_all(embeddings),
+            token_counts=[e.token_count for e in embeddings],
+            truncated=[e.truncated for e in embeddings],
             model=resp.model,
             prompt_tokens=resp.usage.prompt_tokens,
             response=resp,
+            views=decode_views(embeddings),
+            chunks=[_chunks(e) for e in embeddings],
+            cached=resp.timing.cached,
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[EmbedResult]) -> EmbedResult:
+        """One result of several calls on consecutive slices of the inputs, as from one call.
+
+        `response` merges theirs: every embedding, summed usage and cache hits; its timing
+        sums tokenize_us (work done) and takes the longest queue_us, inference_us and
+        total_us of one call (the calls may have run at once).
+        """
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        merged = pb.EmbedResponse(model=parts[0].model)
+        for part in parts:
+            r = part.response
+            merged.embeddings.extend(r.embeddings)
+            merged.usage.prompt_tokens += r.usage.prompt_tokens
+            merged.usage.total_tokens += r.usage.total_tokens
+            t = merged.timing
+            t.tokenize_us += r.timing.tokenize_us
+            t.queue_us = max(t.queue_us, r.timing.queue_us)
+            t.inference_us = max(t.inference_us, r.timing.inference_us)
+            t.total_us = max(t.total_us, r.timing.total_us)
+            t.cached += r.timing.cached
+        n_views = len(parts[0].views)
+        return cls(
+            vectors=np.concatenate([p.vectors for p in parts]),
+            token_counts=[c for p in parts for c in p.token_counts],
+            truncated=[t for p in parts for t in p.truncated],
+            model=merged.model,
+            prompt_tokens=sum(p.prompt_tokens for p in parts),
+            response=merged,
+            views=[np.concatenate([p.views[j] for p in parts]) for j in range(n_views)],
+            chunks=[c for p in parts for c in p.chunks],
+            cached=sum(p.cached for p in parts),
         )
 
 
@@ -40,12 +122,15 @@ class StreamResult:
     """One EmbedStream result: a vector, or the item's own error.
 
     An error with an empty id refused a whole message (undecodable, or a malformed `items`).
+    `views` and `chunks` are the item's, as in EmbedResult (empty when not asked or failed).
     """
 
     id: str
-    vector: npt.NDArray[np.float32] | None
+    vector: Vector | None
     error: status_pb2.Status | None
     response: pb.EmbedStreamResponse | pb.StreamItemResult
+    views: list[Vector] = field(default_factory=list)
+    chunks: list[ChunkResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -54,7 +139,15 @@ class StreamResult:
     @classmethod
     def from_proto(cls, resp: pb.EmbedStreamResponse | pb.StreamItemResult) -> StreamResult:
         if resp.HasField("embedding"):
-            return cls(id=resp.id, vector=decode(resp.embedding), error=None, response=resp)
+            e = resp.embedding
+            return cls(
+                id=resp.id,
+                vector=decode(e),
+                error=None,
+                response=resp,
+                views=[decode_view(v) for v in e.views],
+                chunks=_chunks(e),
+            )
         return cls(id=resp.id, vector=None, error=resp.error, response=resp)
 
     @classmethod
@@ -83,3 +176,30 @@ class SimilarityResult:
         scores = np.array(rows, dtype=np.float32) if rows and rows[0] else np.zeros((0, 0))
         top = [[(s.index, s.score) for s in r.top_k] for r in resp.results]
         return cls(scores=scores.astype(np.float32), top_k=top, response=resp)
+
+
+@dataclass(frozen=True)
+class TokenizedResult:
+    """What Embed would send the engine for one input.
+
+    `offsets[i]` is the (char_start, char_end) span in the input, in code points, of token
+    `ids[text_start + i]`; special tokens and the instruction prefix have none.
+    """
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    text_start: int
+    truncated: bool
+
+    @classmethod
+    def from_proto(cls, item: pb.TokenizedInput) -> TokenizedResult:
+        return cls(
+            ids=list(item.ids),
+            offsets=[(s.char_start, s.char_end) for s in item.offsets],
+            text_start=item.text_start,
+            truncated=item.truncated,
+        )
+
+    @classmethod
+    def all_from_proto(cls, resp: pb.TokenizeResponse) -> list[TokenizedResult]:
+        return [cls.from_proto(r) for r in resp.results]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Unpack
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from embedding_client import splitting
 from embedding_client.channel import channel_options
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
@@ -17,15 +20,23 @@ from embedding_client.requests import (
     embed_request,
     similarity_request,
     stream_requests,
+    tokenize_request,
 )
-from embedding_client.results import EmbedResult, SimilarityResult, StreamResult
+from embedding_client.results import EmbedResult, SimilarityResult, StreamResult, TokenizedResult
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+R = TypeVar("R")
 
 
 class EmbeddingClient:
     """Sync client. `target` is host:port, or dns:///name:port to balance over pods.
 
-    Keyword options (instruction, prompt_name, dimensions, normalize, truncate, encoding)
-    are those of embedding.v1.EmbedOptions.
+    Keyword options (instruction, prompt_name, dimensions, normalize, truncate, encoding,
+    chunk_tokens, chunk_overlap, views) are those of embedding.v1.EmbedOptions.
+
+    `embed` and `tokenize` split a call over the server's limits into sub-calls, at most
+    `max_concurrency` in flight; `timeout` applies to each RPC.
     """
 
     def __init__(
@@ -36,7 +47,10 @@ class EmbeddingClient:
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
+        max_concurrency: int = splitting.DEFAULT_MAX_CONCURRENCY,
     ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
         opts = channel_options(service_config)
         self._channel = (
             grpc.secure_channel(target, credentials, options=opts)
@@ -46,11 +60,41 @@ class EmbeddingClient:
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._metadata = tuple(metadata)
         self._timeout = timeout
+        self._max_concurrency = max_concurrency
+        self._info: pb.GetModelInfoResponse | None = None
+        self._info_lock = threading.Lock()
 
     def embed(self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]) -> EmbedResult:
-        req = embed_request(inputs, Options(**options))
-        resp = self._stub.Embed(req, timeout=self._timeout, metadata=self._metadata)
-        return EmbedResult.from_proto(resp)
+        """Embed `inputs`; a list over the server's limits goes as several calls, and the
+        result is as from one call."""
+        opts = Options(**options)
+        texts = list(inputs)
+        return self._split(
+            texts,
+            plan=lambda info: splitting.plan_embed(texts, opts, info, self._max_concurrency),
+            method=self._stub.Embed,
+            build=lambda part: embed_request(part, opts),
+            convert=EmbedResult.from_proto,
+            merge=EmbedResult.concat,
+        )
+
+    def tokenize(
+        self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]
+    ) -> list[TokenizedResult]:
+        """The token ids Embed would send the engine for each input, with their spans.
+
+        instruction, prompt_name and truncate apply as in embed; the rest is ignored.
+        """
+        opts = Options(**options)
+        texts = list(inputs)
+        return self._split(
+            texts,
+            plan=lambda info: splitting.plan_tokenize(texts, info),
+            method=self._stub.Tokenize,
+            build=lambda part: tokenize_request(part, opts),
+            convert=TokenizedResult.all_from_proto,
+            merge=lambda parts: [r for part in parts for r in part],
+        )
 
     def embed_stream(
         self,
@@ -87,6 +131,72 @@ class EmbeddingClient:
         return self._stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self._timeout, metadata=self._metadata
         )
+
+    def _limits(self) -> pb.GetModelInfoResponse:
+        """GetModelInfo, asked once per client (the first large call) and kept."""
+        with self._info_lock:
+            if self._info is None:
+                self._info = self.model_info()
+            return self._info
+
+    def _split(
+        self,
+        texts: list[str],
+        *,
+        plan: Callable[[pb.GetModelInfoResponse | None], list[range]],
+        method: grpc.UnaryUnaryMultiCallable[Req, Resp],
+        build: Callable[[Sequence[str]], Req],
+        convert: Callable[[Resp], R],
+        merge: Callable[[list[R]], R],
+    ) -> R:
+        """One call of `method` on `texts`, or several on slices of them as `plan` says."""
+        info = self._limits() if splitting.needs_limits(texts) else self._info
+        pieces = plan(info)
+        if len(pieces) == 1:
+            # Within the limits: one plain call, as the client always made.
+            try:
+                return convert(method(build(texts), timeout=self._timeout, metadata=self._metadata))
+            except grpc.RpcError as exc:
+                if not splitting.can_split(exc, pieces[0]):
+                    raise
+            pieces = splitting.replan(plan(self._limits()), pieces[0])
+        run = splitting.SplitRun(pieces, merge)
+        return self._run(
+            run,
+            lambda p: method.future(
+                build(texts[p.start : p.stop]), timeout=self._timeout, metadata=self._metadata
+            ),
+            convert,
+        )
+
+    def _run(
+        self,
+        run: splitting.SplitRun[R],
+        send: Callable[[range], grpc.Future[Resp]],
+        convert: Callable[[Resp], R],
+    ) -> R:
+        """Drive `run` with at most max_concurrency futures in flight; the first failure
+        that splitting cannot help cancels the rest and is raised."""
+        inflight: dict[grpc.Future[Resp], range] = {}
+        finished: queue.SimpleQueue[grpc.Future[Resp]] = queue.SimpleQueue()
+        try:
+            while run.has_work or inflight:
+                while run.has_work and len(inflight) < self._max_concurrency:
+                    piece = run.take()
+                    future = send(piece)
+                    inflight[future] = piece
+                    future.add_done_callback(finished.put)
+                future = finished.get()
+                piece = inflight.pop(future)
+                exc = future.exception()
+                if exc is None:
+                    run.succeeded(piece, convert(future.result()))
+                else:
+                    run.failed(piece, exc)
+        finally:
+            for future in inflight:
+                future.cancel()
+        return run.result()
 
     def close(self) -> None:
         self._channel.close()

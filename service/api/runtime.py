@@ -31,7 +31,6 @@ class ServerLimits:
     max_request_bytes: int
     max_request_tokens: int
     min_dimensions: int
-    stream_max_inflight: int
 
 
 @dataclass(frozen=True)

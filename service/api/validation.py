@@ -11,14 +11,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.chunking import ChunkSpec
 from service.errors import TOO_MANY_INPUTS, InvalidInputError
 from service.model_card import ModelCard
-from service.pipeline import EmbedSpec
+from service.pipeline import EmbedSpec, View
 from service.postprocess import Encoding
 from service.tokenization import Truncation
 
 _TRUNCATION = {"": Truncation.REFUSE, **{t.value: t for t in Truncation}}
 _ENCODING = {"": Encoding.FLOAT32, **{e.value: e for e in Encoding}}
+
+
+@dataclass(frozen=True)
+class ViewOptions:
+    """One asked view: dimensions (None: the call's) and an encoding name."""
+
+    dimensions: int | None = None
+    encoding: str = ""
+
+
+MAX_VIEWS = 8
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,9 @@ class RequestOptions:
     normalize: bool | None = None
     truncate: str = ""
     encoding: str = ""
+    chunk_max_tokens: int = 0  # 0: no chunking
+    chunk_overlap_tokens: int = 0
+    views: tuple[ViewOptions, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,7 @@ class RequestLimits:
     max_input_chars: int
     min_dimensions: int
     dimension: int
+    max_input_tokens: int  # the model's window
 
 
 def field_name(prefix: str, name: str) -> str:
@@ -93,14 +109,9 @@ class RequestValidator:
         if truncation is None:
             raise InvalidInputError(
                 field_name(prefix, "truncate"),
-                f"unknown value {opts.truncate!r} (one of refuse, end, start)",
+                f"unknown value {opts.truncate} (one of refuse, end, start)",
             )
-        encoding = _ENCODING.get(opts.encoding)
-        if encoding is None:
-            names = ", ".join(e.value for e in Encoding)
-            raise InvalidInputError(
-                field_name(prefix, "encoding"), f"unknown value {opts.encoding!r} (one of {names})"
-            )
+        encoding = self._encoding(opts.encoding, field_name(prefix, "encoding"))
         if token_inputs:
             for name in ("instruction", "prompt_name"):
                 if getattr(opts, name):
@@ -109,18 +120,61 @@ class RequestValidator:
                         "does not apply to token-id inputs, which are the model's input as "
                         "given; send text to have it laid out",
                     )
+        dimensions = self._dimensions(opts.dimensions, field_name(prefix, "dimensions"))
         return EmbedSpec(
             prefix="" if token_inputs else self._prefix(opts, prefix),
-            dimensions=self._dimensions(opts.dimensions, field_name(prefix, "dimensions")),
+            dimensions=dimensions,
             normalize=True if opts.normalize is None else opts.normalize,
             truncation=truncation,
             encoding=encoding,
+            chunking=self._chunking(opts, field_name(prefix, "chunking"), token_inputs),
+            views=self._views(opts.views, field_name(prefix, "views"), dimensions),
         )
 
     @property
     def query_prompt_name(self) -> str:
         """The model's prompt for queries ("query"), or "" when it has none."""
         return "query" if "query" in self._card.prompts else ""
+
+    def _chunking(self, opts: RequestOptions, field: str, token_inputs: bool) -> ChunkSpec | None:
+        size, overlap = opts.chunk_max_tokens, opts.chunk_overlap_tokens
+        if not size:
+            if overlap:
+                raise InvalidInputError(f"{field}.overlap_tokens", "needs max_tokens")
+            return None
+        if token_inputs:
+            raise InvalidInputError(field, "does not apply to token-id inputs")
+        window = self._limits.max_input_tokens
+        if not 0 < size <= window:
+            raise InvalidInputError(
+                f"{field}.max_tokens", f"{size} is outside 1 to the model's window of {window}"
+            )
+        if not 0 <= overlap * 2 <= size:
+            raise InvalidInputError(
+                f"{field}.overlap_tokens", f"{overlap} is over half of max_tokens ({size})"
+            )
+        return ChunkSpec(size, overlap, field)
+
+    def _views(self, asked: Sequence[ViewOptions], field: str, dimensions: int) -> tuple[View, ...]:
+        if len(asked) > MAX_VIEWS:
+            raise InvalidInputError(field, f"{len(asked)} views exceed the limit of {MAX_VIEWS}")
+        return tuple(
+            View(
+                self._dimensions(v.dimensions, f"{field}[{i}].dimensions")
+                if v.dimensions
+                else dimensions,
+                self._encoding(v.encoding, f"{field}[{i}].encoding"),
+            )
+            for i, v in enumerate(asked)
+        )
+
+    @staticmethod
+    def _encoding(name: str, field: str) -> Encoding:
+        encoding = _ENCODING.get(name)
+        if encoding is None:
+            names = ", ".join(e.value for e in Encoding)
+            raise InvalidInputError(field, f"unknown value {name} (one of {names})")
+        return encoding
 
     def _dimensions(self, asked: int | None, field: str) -> int:
         low, native = self._limits.min_dimensions, self._limits.dimension

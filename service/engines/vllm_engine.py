@@ -11,25 +11,37 @@ sends one EngineCoreRequest per sequence and one collector task files each finis
 straight into its batch's array. That cuts the client's CPU per sequence about fourfold
 (benchmarks: 0.14-0.34 -> 0.04 CPU-s per 1,000 queries), which decides how fast a GPU can
 be fed from one Python process.
+
+Engine arguments past the service's own flags come from --vllm-args, in vLLM's own syntax,
+parsed at start by vLLM's own parser (parse_vllm_args); the settings the service sets from
+its flags are refused there (SERVICE_OWNED), not silently overridden.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import copy
+import dataclasses
+import difflib
+import functools
 import itertools
 import logging
 import os
+import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from types import MappingProxyType
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import numpy.typing as npt
 from vllm import AsyncEngineArgs, PoolingParams
 from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
 from vllm.usage.usage_lib import UsageContext
+from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
 from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -52,6 +64,92 @@ class VllmSettings:
     enforce_eager: bool
     prefix_caching: bool = True  # False: off; True: vLLM's choice for the model
     progress_bars: bool = True  # vLLM's checkpoint-loading bars
+    vllm_args: str = ""  # more engine arguments, vLLM's CLI syntax (--vllm-args)
+
+
+# The engine settings the service sets itself, so --vllm-args may not: vLLM's name -> the
+# service flag that sets it, or why nothing may change it.
+SERVICE_OWNED: Mapping[str, str] = MappingProxyType(
+    {
+        "model": "--model",
+        "tokenizer": "--model (the service tokenizes, with the model's own tokenizer)",
+        "served_model_name": "--served-model-name",
+        "dtype": "--dtype",
+        "max_model_len": "--max-model-len",
+        "gpu_memory_utilization": "--gpu-memory-utilization",
+        "max_num_batched_tokens": "--max-batch-tokens",
+        "max_num_seqs": "--max-batch-items",
+        "enforce_eager": "--enforce-eager",
+        "enable_chunked_prefill": "none: with compile it gives wrong vectors (vLLM #48901)",
+        "enable_prefix_caching": "--prefix-caching",
+        "use_tqdm_on_load": "--log-level (DEBUG shows vLLM's loading bars)",
+        "runner": "none: the service always runs vLLM's pooling runner",
+        "convert": "none: the service always runs vLLM's pooling runner",
+        "skip_tokenizer_init": "none: the service tokenizes, vLLM only gets token ids",
+        "scheduling_policy": "none: priority scheduling puts unary calls ahead of streams",
+    }
+)
+
+
+class VllmArgsError(ValueError):
+    """--vllm-args is not valid vLLM syntax, names an unknown argument, has a bad value, or
+    sets what the service owns. The message starts with "--vllm-args: "."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"--vllm-args: {problem}")
+
+
+class _Parser(FlexibleArgumentParser):
+    """vLLM's own engine-argument parser that raises instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            options = [o for a in self._actions for o in a.option_strings]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1)
+                if word.startswith("-") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        raise VllmArgsError(message)
+
+
+@functools.cache
+def _parser() -> _Parser:
+    # Built once: AsyncEngineArgs.add_cli_args takes seconds (it inspects every config class).
+    empty = _Parser(prog="--vllm-args", add_help=False)  # type: ignore[no-untyped-call]
+    parser = AsyncEngineArgs.add_cli_args(empty)
+    # No defaults: the namespace then holds exactly the options that were given.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return cast(_Parser, parser)
+
+
+@functools.lru_cache(maxsize=8)
+def parse_vllm_args(text: str) -> Mapping[str, Any]:
+    """The AsyncEngineArgs fields `text` sets, parsed and checked by vLLM's own argument
+    definitions: only what was given, never vLLM's defaults. Raises VllmArgsError."""
+    if not text.strip():
+        return MappingProxyType({})
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:  # an unclosed quote
+        raise VllmArgsError(f"{exc} in {text!r}") from exc
+    try:
+        given = vars(_parser().parse_args(words))
+    except VllmArgsError:
+        raise
+    except (ValueError, OSError, AssertionError) as exc:  # e.g. --config with a bad file
+        raise VllmArgsError(str(exc)) from exc
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for name in given:
+        flag = "--" + name.replace("_", "-")
+        owner = SERVICE_OWNED.get(name)
+        if owner is not None:
+            use = f"use {owner}" if owner.startswith("--") else owner.removeprefix("none: ")
+            raise VllmArgsError(f"{flag} is set by the service; {use}")
+        if name not in fields:
+            raise VllmArgsError(f"{flag} is not an engine argument")
+    return MappingProxyType(given)
 
 
 def _resolve_dtype(dtype: str) -> str:
@@ -65,6 +163,70 @@ def _resolve_dtype(dtype: str) -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def service_engine_args(settings: VllmSettings) -> dict[str, Any]:
+    """The AsyncEngineArgs fields the service sets (each one in SERVICE_OWNED)."""
+    # vLLM reads the model's own limit when max_model_len is not given.
+    optional: dict[str, Any] = (
+        {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
+    )
+    if not settings.prefix_caching:
+        optional["enable_prefix_caching"] = False
+    return dict(
+        model=str(settings.model_path),
+        served_model_name=settings.served_name,
+        runner="pooling",
+        dtype=_resolve_dtype(settings.dtype),
+        **optional,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        enforce_eager=settings.enforce_eager,
+        # vLLM #48901: chunked prefill under torch.compile gave wrong last-token vectors.
+        # Without it, compiled and eager vectors agree (the fidelity tests run compiled);
+        # the batch token budget always holds a whole window, so nothing needs chunking.
+        enable_chunked_prefill=False,
+        # The service tokenizes; vLLM only needs the ids.
+        skip_tokenizer_init=True,
+        # Sequences of a batch with unary calls in it overtake queued stream sequences.
+        scheduling_policy="priority",
+        use_tqdm_on_load=settings.progress_bars,
+    )
+
+
+# Defaults of the service's own that --vllm-args may change: the setting, and the arguments
+# that, when given, leave it to vLLM.
+SERVICE_DEFAULTS: Mapping[str, tuple[Any, frozenset[str]]] = MappingProxyType(
+    {
+        # One device: the model runs in the engine-core process itself instead of a worker
+        # process of its own, which saves a hand-off per step: +5-13% engine throughput on
+        # CPU (benchmarks/ceiling.py, 4 to 64 sequences a step).
+        "distributed_executor_backend": (
+            "uni",
+            frozenset(
+                {
+                    "distributed_executor_backend",
+                    "tensor_parallel_size",
+                    "pipeline_parallel_size",
+                    "data_parallel_size",
+                }
+            ),
+        ),
+    }
+)
+
+
+def engine_args(settings: VllmSettings) -> AsyncEngineArgs:
+    """What the engine is built from: the service's settings, then --vllm-args on top."""
+    # A copy: the parsed values (config objects, dicts) are cached, and vLLM may change them.
+    given = copy.deepcopy(dict(parse_vllm_args(settings.vllm_args)))
+    defaults = {
+        name: value
+        for name, (value, overridden_by) in SERVICE_DEFAULTS.items()
+        if not overridden_by & given.keys()
+    }
+    return AsyncEngineArgs(**service_engine_args(settings), **defaults, **given)
 
 
 @dataclass(eq=False)
@@ -114,30 +276,7 @@ class VllmEngine:
 
     @classmethod
     def load(cls, settings: VllmSettings) -> VllmEngine:
-        # vLLM reads the model's own limit when max_model_len is not given.
-        optional: dict[str, Any] = (
-            {"max_model_len": settings.max_model_len} if settings.max_model_len else {}
-        )
-        if not settings.prefix_caching:
-            optional["enable_prefix_caching"] = False
-        args = AsyncEngineArgs(
-            model=str(settings.model_path),
-            served_model_name=settings.served_name,
-            runner="pooling",
-            dtype=cast(Any, _resolve_dtype(settings.dtype)),
-            **optional,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_num_seqs=settings.max_num_seqs,
-            # Eager mode sidesteps vLLM #48901 (chunked prefill under torch.compile gave
-            # wrong last-token vectors) and starts much faster on CPU.
-            enforce_eager=settings.enforce_eager,
-            # The service tokenizes; vLLM only needs the ids.
-            skip_tokenizer_init=True,
-            # Sequences of a batch with unary calls in it overtake queued stream sequences.
-            scheduling_policy="priority",
-            use_tqdm_on_load=settings.progress_bars,
-        )
+        args = engine_args(settings)
         vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
         # As AsyncLLM does: model configs from custom code must reach the engine process.
         maybe_register_config_serialize_by_value()

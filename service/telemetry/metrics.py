@@ -9,6 +9,7 @@ time, so the request path pays nothing for them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -60,12 +61,35 @@ class EngineSource(Protocol):
     def alive(self) -> bool: ...
 
 
+class CacheSource(Protocol):
+    """What the cache metrics read (service.vector_cache.VectorCache satisfies it)."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+    @property
+    def coalesced(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def entries(self) -> int: ...
+
+
 class Instruments:
     """Every instrument of the service; the gauges read whatever `watch` last attached."""
 
     def __init__(self, meter: Meter, scope: InstrumentationScope | None = None) -> None:
         self._queue: QueueSource | None = None
         self._engine: EngineSource | None = None
+        self._cache: CacheSource | None = None
         # What the readers add to each collection (HistogramReader.attach).
         self.histograms = HistogramSet(scope or InstrumentationScope(names.INSTRUMENTATION_SCOPE))
         histogram = self.histograms.create
@@ -158,6 +182,25 @@ class Instruments:
             names.ENGINE_OLDEST_BATCH[1],
             "Age of the oldest batch in the engine; grows without bound when it hangs",
         )
+        # The vector cache keeps plain counters of its own; no series while it is off.
+        for (name, unit), attribute, text in (
+            (names.CACHE_HITS, "hits", "Inputs whose vector came from the vector cache"),
+            (names.CACHE_MISSES, "misses", "Inputs not found in the vector cache"),
+            (
+                names.CACHE_COALESCED,
+                "coalesced",
+                "Cache misses that shared an identical engine request already in flight",
+            ),
+            (names.CACHE_EVICTIONS, "evictions", "Vector cache entries evicted to stay in bounds"),
+        ):
+            observe = functools.partial(self._observe_cache, attribute)
+            meter.create_observable_counter(name, [observe], unit, text)
+        for (name, unit), attribute, text in (
+            (names.CACHE_SIZE, "nbytes", "Bytes the vector cache holds: vectors, keys, overhead"),
+            (names.CACHE_ENTRIES, "entries", "Vectors the vector cache holds"),
+        ):
+            observe = functools.partial(self._observe_cache, attribute)
+            meter.create_observable_gauge(name, [observe], unit, text)
 
     def count_processed(self, priority: str, n_items: int, n_tokens: int) -> None:
         self._inputs[priority] = self._inputs.get(priority, 0) + n_items
@@ -170,10 +213,17 @@ class Instruments:
         key = (reason, priority)
         self._rejections[key] = self._rejections.get(key, 0) + n_inputs
 
-    def watch(self, queue: QueueSource | None, engine: EngineSource | None) -> None:
-        """Point the gauges at the live batcher and engine (None: report idle/down)."""
+    def watch(
+        self,
+        queue: QueueSource | None,
+        engine: EngineSource | None,
+        cache: CacheSource | None = None,
+    ) -> None:
+        """Point the gauges at the live batcher, engine and cache (None: report idle/down;
+        no cache series at all)."""
         self._queue = queue
         self._engine = engine
+        self._cache = cache
 
     # Gauges report 0 rather than nothing while the engine loads: an autoscaler reading a
     # missing series would stall instead of seeing an idle replica.
@@ -208,3 +258,7 @@ class Instruments:
             Observation(n, {names.ERROR_TYPE: reason, names.PRIORITY: priority})
             for (reason, priority), n in list(self._rejections.items())
         ]
+
+    def _observe_cache(self, attribute: str, _options: CallbackOptions) -> Iterable[Observation]:
+        cache = self._cache
+        return [] if cache is None else [Observation(getattr(cache, attribute))]

@@ -32,6 +32,13 @@ TRUNCATIONS: Final = ("embedding.truncations", "{input}")
 REJECTIONS: Final = ("embedding.rejections", "{input}")
 ENGINE_UP: Final = ("embedding.engine.up", "1")
 ENGINE_OLDEST_BATCH: Final = ("embedding.engine.oldest_batch_age", "s")
+# The vector cache (service.vector_cache); exported only while it is on.
+CACHE_HITS: Final = ("embedding.cache.hits", "{input}")
+CACHE_MISSES: Final = ("embedding.cache.misses", "{input}")
+CACHE_COALESCED: Final = ("embedding.cache.coalesced", "{input}")
+CACHE_EVICTIONS: Final = ("embedding.cache.evictions", "{entry}")
+CACHE_SIZE: Final = ("embedding.cache.size", "By")
+CACHE_ENTRIES: Final = ("embedding.cache.entries", "{entry}")
 
 # --- Attribute keys ------------------------------------------------------------------------
 RPC_SYSTEM = "rpc.system"
@@ -64,6 +71,8 @@ TOTAL_TIME_HEADER = "x-total-time"
 QUEUE_TIME_HEADER = "x-queue-time"
 INFERENCE_TIME_HEADER = "x-inference-time"
 TOKENIZE_TIME_HEADER = "x-tokenize-time"
+# HTTP only: how many of the inputs' vectors came from the vector cache.
+CACHED_INPUTS_HEADER = "x-cached-inputs"
 
 # The scope every instrument and tracer of the service is created under.
 INSTRUMENTATION_SCOPE = "embedding-service"

@@ -40,7 +40,7 @@ from service.telemetry.histograms import (
 )
 from service.telemetry.http import App, HttpTelemetry
 from service.telemetry.interceptor import TelemetryInterceptor
-from service.telemetry.metrics import EngineSource, Instruments, QueueSource
+from service.telemetry.metrics import CacheSource, EngineSource, Instruments, QueueSource
 from service.telemetry.stages import PipelineTelemetry
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,13 @@ class Telemetry:
         """The port /metrics is served on (0: not served)."""
         return self.metrics_endpoint.port if self.metrics_endpoint is not None else 0
 
-    def watch(self, queue: QueueSource | None, engine: EngineSource | None) -> None:
-        self.instruments.watch(queue, engine)
+    def watch(
+        self,
+        queue: QueueSource | None,
+        engine: EngineSource | None,
+        cache: CacheSource | None = None,
+    ) -> None:
+        self.instruments.watch(queue, engine, cache)
 
     def start(self) -> None:
         if self.metrics_endpoint is not None:

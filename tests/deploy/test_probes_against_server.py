@@ -123,7 +123,9 @@ class BulkStream:
         self._thread.start()
 
     def _run(self) -> None:
-        items = ((str(i), STREAM_TEXT) for i in range(STREAM_ITEMS))
+        items = (
+            (str(i), f"{i}: {STREAM_TEXT}") for i in range(STREAM_ITEMS)
+        )  # distinct: no cache hits
         try:
             with EmbeddingClient(self.address) as client:
                 for result in client.embed_stream(items):
@@ -135,6 +137,13 @@ class BulkStream:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+
+def _startup_s(container: Obj) -> float:
+    """As long as the kubelet waits before it restarts the pod (a cold torch.compile on two
+    busy cores takes minutes)."""
+    probe = container["startupProbe"]
+    return float(probe["periodSeconds"] * probe["failureThreshold"])
 
 
 def test_cpu_overlay_server_answers_the_probes_as_the_kubelet_sees_them(
@@ -157,7 +166,7 @@ def test_cpu_overlay_server_answers_the_probes_as_the_kubelet_sees_them(
     watch = LoadingWatch(health, liveness, readiness)
     try:
         env = local_env(container, pod, objects, tmp_path)
-        server = start_server(flags, tmp_path / "server.log", env=env, wait_s=120)
+        server = start_server(flags, tmp_path / "server.log", env=env, wait_s=_startup_s(container))
     finally:
         watch.stop()
     assert (SERVING, NOT_SERVING) in watch.seen, f"never alive-but-loading: {watch.seen}"

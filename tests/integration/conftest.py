@@ -13,6 +13,8 @@ from tests.servers import ServerProcess, start_server
 
 # Small engine footprint: two engines share a 24 GiB machine with the test process.
 ENGINE_ARGS = ["--gpu-memory-utilization", "0.1", "--max-wait-ms", "2"]
+# A vLLM engine argument passed through (the service checks it with vLLM's own parser).
+PASSTHROUGH = ["--vllm-args", "--seed 0"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,7 +39,7 @@ def qwen_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def minilm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "minilm.log"
-    server = start_server(ENGINE_ARGS, log)
+    server = start_server([*ENGINE_ARGS, *PASSTHROUGH], log)
     yield server
     server.stop()
 

@@ -163,3 +163,49 @@ def test_bad_requests_name_the_field(
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message.startswith(field + ":") and words in message
     assert minilm.embed(["still serving"]).vectors.shape == (1, 384)
+
+
+def test_a_repeated_embed_comes_from_the_vector_cache(
+    minilm: EmbeddingClient, minilm_dir: Path
+) -> None:
+    stub = minilm._stub
+    texts = ["The vector cache keys on token ids.", "No other test sends these two texts."]
+    first = stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+    again = stub.Embed(pb.EmbedRequest(inputs=texts[::-1]), timeout=30)
+    assert (first.timing.cached, again.timing.cached) == (0, 2)
+    assert [e.data for e in again.embeddings] == [e.data for e in first.embeddings][::-1]
+    np.testing.assert_allclose(
+        np.frombuffer(first.embeddings[0].data, "<f4"),
+        minilm_reference(minilm_dir, texts[:1])[0],
+        atol=1e-4,
+    )
+    # One entry (the raw vector) serves other dimensions too.
+    small = stub.Embed(
+        pb.EmbedRequest(inputs=texts[:1], options=pb.EmbedOptions(dimensions=64)), timeout=30
+    )
+    assert small.timing.cached == 1
+    full = np.frombuffer(first.embeddings[0].data, "<f4")[:64]
+    np.testing.assert_allclose(
+        np.frombuffer(small.embeddings[0].data, "<f4"), full / np.linalg.norm(full), atol=1e-6
+    )
+
+
+def test_a_misspelt_vllm_arg_stops_the_server_before_the_engine_loads() -> None:
+    import subprocess
+    import sys
+
+    flags = ["--port", "0", "--http-port", "0", "--metrics-port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "service", *flags, "--vllm-args", "--quantizaton awq"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, done.stderr
+    assert errors[0].endswith(
+        "cannot start: --vllm-args: unrecognized arguments: --quantizaton awq"
+        " (did you mean --quantization?)"
+    )

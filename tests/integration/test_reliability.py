@@ -5,10 +5,11 @@ Each server here is disposable (the tests end it), so it is not the session's sh
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from embedding.v1 import embedding_pb2 as pb
+from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import EmbeddingClient
 from tests.integration.conftest import ENGINE_ARGS
 from tests.reference import minilm_reference
@@ -31,6 +34,7 @@ BATCH_ITEMS = 32
 SMALL_QUEUE = [
     *("--max-queue-items", "256", "--max-queue-tokens", "8192", "--grace-s", "30"),
     *("--max-batch-items", str(BATCH_ITEMS)),
+    *("--vector-cache-mb", "0"),  # floods repeat their texts: they must reach the engine
 ]
 
 
@@ -239,3 +243,67 @@ def test_engine_death_answers_unavailable_and_exits_nonzero(
 
 def _code_name(number: int) -> str:
     return next(c.name for c in grpc.StatusCode if c.value[0] == number)
+
+
+FLOOD_STREAMS = 120
+FLOOD_MESSAGES = 40  # of 64 items each: 2,560 items a stream, past its own 1,024 of room
+
+
+async def _never_read_flood(
+    address: str, rss: Callable[[], int], seconds: float
+) -> tuple[int, list[int]]:
+    """Streams that send paragraphs and never read a result; meanwhile a unary call each
+    second. Returns the peak RSS seen and how many vectors each unary call got."""
+    paragraph = "A paragraph of a document that a bulk job streams to the server. " * 6
+    channels = [grpc.aio.insecure_channel(address) for _ in range(8)]
+
+    async def requests(n: int) -> AsyncIterator[pb.EmbedStreamRequest]:
+        for m in range(FLOOD_MESSAGES):
+            ids = range(m * 64, (m + 1) * 64)
+            yield pb.EmbedStreamRequest(
+                items=[pb.StreamItem(id=str(i), input=f"{n} {i} {paragraph}") for i in ids]
+            )
+
+    stubs = [pb_grpc.EmbeddingServiceStub(c) for c in channels]
+    calls = [stubs[n % 8].EmbedStream(requests(n), timeout=120) for n in range(FLOOD_STREAMS)]
+    peak, answered = rss(), []
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(1)
+            peak = max(peak, rss())
+            reply = await stubs[0].Embed(pb.EmbedRequest(inputs=["meanwhile"]), timeout=30)
+            answered.append(len(reply.embeddings))
+    finally:
+        for call in calls:
+            call.cancel()
+        for channel in channels:
+            await channel.close()
+    return peak, answered
+
+
+def test_streams_that_never_read_leave_server_memory_bounded(tmp_path: Path) -> None:
+    """Every stream has its own room, but all together share one bound, so streams that
+    never read hold a bounded number of items however many there are. Measured: +64 MiB at
+    the peak and back under 100 once they left; with only per-stream room
+    (EMBED_STREAMS_MAX_INFLIGHT=1000000), +172 MiB and still +240 MiB after. The front end
+    alone (null engine) answers at once, so results pile up as fast as streams can send."""
+    server = start_server(["--engine", "null"], tmp_path / "null.log")
+    try:
+        process = psutil.Process(server.process.pid)
+
+        def rss() -> int:
+            return int(process.memory_info().rss)
+
+        with EmbeddingClient(server.address) as client:
+            client.embed(["warm up"] * 64)
+        base = rss()
+        peak, answered = asyncio.run(_never_read_flood(server.address, rss, seconds=12))
+        assert answered and all(n == 1 for n in answered)  # unary calls kept being served
+        grown_mib = (peak - base) / 2**20
+        assert grown_mib < 128, f"server grew by {grown_mib:.0f} MiB under the flood"
+        time.sleep(3)  # the cancelled streams' room is freed and the heap trimmed
+        after_mib = (rss() - base) / 2**20
+        assert after_mib < 100, f"server still {after_mib:.0f} MiB above its start"
+    finally:
+        server.stop()

@@ -27,6 +27,7 @@ from service.batching import (
     Priority,
     QueueFullError,
 )
+from service.batching.pacing import EngineSpeed
 from service.engines.base import EngineInfo
 
 DIM = 3
@@ -50,6 +51,7 @@ class FakeEngine:
 
     def __init__(self, yields: Sequence[int] = (0,)) -> None:
         self.batches: list[list[list[int]]] = []
+        self.completed: list[list[list[int]]] = []  # batches that returned vectors
         self.gate = asyncio.Event()
         self.gate.set()
         self.errors: list[Exception] = []
@@ -86,6 +88,7 @@ class FakeEngine:
             await self.gate.wait()
             if self.errors:
                 raise self.errors.pop(0)
+            self.completed.append([list(ids) for ids in batch])
             return np.array([row_for(ids) for ids in batch], dtype=np.float32)
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -202,19 +205,22 @@ async def run_scenario(
     # Every caller got exactly its own vector.
     for tag, ((n, _), result) in enumerate(zip(items, got, strict=True), start=1):
         assert result.vector.tolist() == row_for(ids(tag, n))
-    # Every batch within budget; nothing lost, nothing duplicated.
+    # Every batch within budget; nothing lost, nothing embedded twice (a bulk batch
+    # recalled from the engine for a unary one is sent again, but never completes twice).
     for batch in engine.batches:
         assert 1 <= len(batch) <= limits.max_batch_items
         assert sum(len(i) for i in batch) <= limits.max_batch_tokens
-    dispatched = [tag for batch in firsts(engine) for tag in batch]
+    dispatched = [ids[0] for batch in engine.completed for ids in batch]
     assert Counter(dispatched) == Counter(range(1, len(items) + 1))
-    # FIFO within a priority, across dispatches; INTERACTIVE ahead of BULK inside a batch.
+    # FIFO within a priority, by each item's first dispatch (a recalled bulk batch is sent
+    # again after whatever went in meanwhile); INTERACTIVE ahead of BULK inside a batch.
     priority_of = {tag: p for tag, (_, p) in enumerate(items, start=1)}
+    first_sent = list(dict.fromkeys(t for batch in firsts(engine) for t in batch))
     for priority in Priority:
-        order = [t for t in dispatched if priority_of[t] is priority]
+        order = [t for t in first_sent if priority_of[t] is priority]
         assert order == sorted(order)
-    for batch_tags in firsts(engine):
-        prios = [priority_of[t] for t in batch_tags]
+    for batch in engine.completed:
+        prios = [priority_of[ids[0]] for ids in batch]
         assert prios == sorted(prios)
     # Stream work never exceeds the in-flight limit; unary batches may, up to a bound.
     assert engine.max_active_at_bulk_start <= limits.max_inflight_batches
@@ -361,13 +367,14 @@ async def _teach_40_tokens_per_s(batcher: Batcher, engine: FakeEngine, clock: Fa
     await results(first)
 
 
-async def test_bulk_batches_shrink_to_the_step_budget_while_unary_calls_are_live() -> None:
+async def test_bulk_batches_are_always_sized_to_the_step_budget() -> None:
     clock = FakeClock()
     engine = FakeEngine()
     limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
     async with running(engine, limits, clock) as batcher:
-        # 40 tokens/s: a 0.25 s step holds 10 tokens while unary callers are live.
+        # 40 tokens/s: a 0.25 s step holds 10 tokens.
         await _teach_40_tokens_per_s(batcher, engine, clock)
+        assert batcher.engine_tokens_per_s == pytest.approx(40.0)
 
         engine.hold()
         blocker = batcher.submit([ids(10, 100)], Priority.BULK)  # no room for unary items
@@ -377,27 +384,32 @@ async def test_bulk_batches_shrink_to_the_step_budget_while_unary_calls_are_live
         engine.release()
         await results([*blocker, *unary, *bulk])
 
-        # Long after the last unary call, bulk batches are full-size again.
+        # With no unary call for a long while, bulk batches still keep to the step: a call
+        # that comes after a quiet spell must not find full-size batches in the engine.
         clock.now = 60.0
-        await results(batcher.submit([ids(t, 10) for t in range(40, 45)], Priority.BULK))
+        await results(batcher.submit([ids(t, 5) for t in range(40, 45)], Priority.BULK))
     assert firsts(engine)[1:] == [
         [10],
         [20, 30],  # the unary item, then bulk up to 10 tokens in all
         [31, 32],
         [33, 34],
         [35],
-        [40, 41, 42, 43, 44],
+        [40, 41],
+        [42, 43],
+        [44],
     ]
 
 
-async def test_no_step_budget_without_unary_traffic() -> None:
+async def test_full_bulk_batches_without_a_step_budget_or_a_measured_speed() -> None:
     clock = FakeClock()
     engine = FakeEngine()
-    limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.25)
+    limits = replace(LIMITS, max_inflight_batches=1, interactive_step_s=0.0)
     async with running(engine, limits, clock) as batcher:
         await _teach_40_tokens_per_s(batcher, engine, clock)
         await results(batcher.submit([ids(t, 10) for t in range(10, 18)], Priority.BULK))
     assert firsts(engine) == [list(range(1, 9)), list(range(10, 18))]
+    # Before the first batch the speed is unknown: the first batch is full-size.
+    assert firsts(engine)[0] == list(range(1, 9))
 
 
 async def test_small_unary_batches_do_not_use_up_the_engine_slots() -> None:
@@ -485,7 +497,7 @@ async def test_many_cancellations_keep_counters_and_order_right() -> None:
         await spin(5)
         assert (batcher.queued_items, batcher.queued_tokens) == (100, 100)
         # Memory stays bounded: cancelled entries do not pile up in the queue (white-box).
-        assert len(batcher._queues[Priority.INTERACTIVE]) < 200
+        assert len(batcher._queues._interactive) < 200
         await batcher.start()
         await results(futures[2::3])
     assert [t for batch in firsts(engine) for t in batch] == list(range(3, 301, 3))
@@ -732,3 +744,234 @@ def test_limits_are_validated() -> None:
         replace(LIMITS, bulk_queue_share=0.0)
     with pytest.raises(ValueError):
         replace(LIMITS, max_wait_s=-1.0)
+
+
+# ----------------------------------------------------------------- fair shares, pacing
+
+
+def flows_of(engine: FakeEngine, flow_of: dict[int, str]) -> list[list[str]]:
+    return [[flow_of[tag] for tag in batch] for batch in firsts(engine)]
+
+
+async def test_a_small_stream_behind_a_big_one_gets_half_of_every_batch() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=4, max_inflight_batches=1, max_queue_items=1000)
+    async with running(engine, limits, start=False) as batcher:
+        big = [await batcher.submit_when_ready(ids(t, 5), flow="big") for t in range(1, 41)]
+        small = [await batcher.submit_when_ready(ids(t, 5), flow="small") for t in range(41, 47)]
+        await batcher.start()
+        await results([*big, *small])
+    flow_of = {t: "big" if t <= 40 else "small" for t in range(1, 47)}
+    batches = flows_of(engine, flow_of)
+    # The small stream's six items go in the first three batches, two in each, instead of
+    # after the big one's forty.
+    assert [b.count("small") for b in batches[:3]] == [2, 2, 2]
+    assert sum(b.count("small") for b in batches[3:]) == 0
+    # FIFO within each stream.
+    for name in ("big", "small"):
+        order = [t for batch in firsts(engine) for t in batch if flow_of[t] == name]
+        assert order == sorted(order)
+
+
+async def test_a_returning_stream_earns_no_credit_for_its_idle_time() -> None:
+    engine = FakeEngine()
+    limits = replace(LIMITS, max_batch_items=2, max_inflight_batches=1, max_queue_items=1000)
+    async with running(engine, limits, start=False) as batcher:
+        first = [await batcher.submit_when_ready(ids(t, 5), flow="a") for t in range(1, 5)]
+        await batcher.start()
+        await results(first)  # "a" was served 20 tokens while alone
+        engine.hold()
+        blocker = await batcher.submit_when_ready(ids(9, 5), flow="a")
+        await wait_until(lambda: engine.active == 1)
+        a = [await batcher.submit_when_ready(ids(t, 5), flow="a") for t in range(10, 14)]
+        b = [await batcher.submit_when_ready(ids(t, 5), flow="b") for t in range(20, 24)]
+        engine.release()
+        await results([blocker, *a, *b])
+    # "b" starts level with "a": the two alternate rather than "b" catching up 25 tokens.
+    assert firsts(engine)[-4:] == [[10, 20], [11, 21], [12, 22], [13, 23]]
+
+
+@st.composite
+def two_streams(draw: st.DrawFn) -> tuple[list[int], list[int], int]:
+    big = draw(st.lists(st.integers(1, 20), min_size=5, max_size=60))
+    small = draw(st.lists(st.integers(1, 20), min_size=1, max_size=15))
+    start_after = draw(st.integers(0, len(big)))  # big items queued before small arrives
+    return big, small, start_after
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(two_streams(), st.integers(1, 3), st.lists(st.integers(0, 2), min_size=1, max_size=4))
+def test_two_streams_share_dispatches_within_one_item(
+    streams: tuple[list[int], list[int], int], inflight: int, yields: list[int]
+) -> None:
+    big, small, start_after = streams
+
+    async def scenario() -> None:
+        engine = FakeEngine(yields)
+        limits = replace(
+            LIMITS, max_batch_tokens=40, max_inflight_batches=inflight, max_queue_items=1000,
+            max_queue_tokens=10_000,
+        )  # fmt: skip
+        tags = iter(range(1, 10_000))
+        flow_of: dict[int, str] = {}
+        sent: list[tuple[int, int]] = []  # (tag, tokens), in submission order
+        futures = []
+        async with running(engine, limits, start=False) as batcher:
+
+            async def add(n: int, flow: str) -> None:
+                tag = next(tags)
+                flow_of[tag] = flow
+                sent.append((tag, n))
+                futures.append(await batcher.submit_when_ready(ids(tag, n), flow=flow))
+
+            for n in big[:start_after]:
+                await add(n, "big")
+            await batcher.start()
+            for n in big[start_after:]:
+                await add(n, "big")
+            for n in small:
+                await add(n, "small")
+            got = await results(futures)
+        # Nothing lost, nothing duplicated, every vector its own.
+        dispatched = [t for batch in firsts(engine) for t in batch]
+        assert Counter(dispatched) == Counter(flow_of.keys())
+        for (tag, n), result in zip(sent, got, strict=True):
+            assert result.vector.tolist() == row_for(ids(tag, n))
+        # From the moment both had items queued until the small one ran out, the tokens
+        # served to each differ by at most one item (plus what was already in the engine).
+        served = {"big": 0, "small": 0}
+        small_left = len(small)
+        size = dict(sent)
+        began = False
+        for tag in dispatched:
+            if flow_of[tag] == "small":
+                began = True
+            if began and small_left:
+                served[flow_of[tag]] += size[tag]
+                assert served["big"] - served["small"] <= 20 + 40 * inflight, served
+                small_left -= flow_of[tag] == "small"
+
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(scenario())
+
+
+class ScriptedEngine:
+    """One batch at a time, taking its tokens / `rate` seconds on the test's clock; among the
+    batches waiting, the lowest priority value goes first (as with vLLM's priority policy)."""
+
+    def __init__(self, clock: FakeClock, rate: float) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.waiting: list[tuple[int, int, int, asyncio.Future[npt.NDArray[np.float32]]]] = []
+        self.bulk_tokens_in_engine: list[int] = []  # seen at each dispatch
+        self._seq = 0
+        self._kick = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("scripted", DIM, 10_000, "float32", "last")
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def embed(
+        self, batch: Sequence[Sequence[int]], priority: int = 0
+    ) -> npt.NDArray[np.float32]:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+        tokens = sum(len(ids) for ids in batch)
+        future: asyncio.Future[npt.NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        self.waiting.append((priority, self._seq, tokens, future))
+        self.bulk_tokens_in_engine.append(sum(t for p, _, t, _ in self.waiting if p == 1))
+        self._kick.set()
+        await future  # cancelled: aborted, and dropped from `waiting` when its turn comes
+        return np.array([row_for(ids) for ids in batch], dtype=np.float32)
+
+    async def _run(self) -> None:
+        while True:
+            while not self.waiting:
+                self._kick.clear()
+                await self._kick.wait()
+            await spin(5)  # the batcher refills the engine as it would while a step runs
+            self.waiting = [w for w in self.waiting if not w[3].done()]  # aborted ones
+            if not self.waiting:
+                continue
+            self.waiting.sort()
+            _, _, tokens, future = self.waiting.pop(0)
+            self.clock.now += tokens / self.rate
+            future.set_result(np.zeros(0, np.float32))
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(1, 60), min_size=20, max_size=120),
+    st.lists(st.integers(0, 100), min_size=1, max_size=5),
+)
+def test_a_sporadic_unary_call_waits_at_most_a_step_whatever_the_bulk_load(
+    bulk: list[int], arrivals: list[int]
+) -> None:
+    rate, step_s = 1000.0, 0.05  # 50 tokens a step; bulk items up to 60 tokens
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        engine = ScriptedEngine(clock, rate)
+        limits = replace(
+            LIMITS, max_batch_tokens=500, max_batch_items=64, max_queue_items=1000,
+            max_queue_tokens=20_000, interactive_step_s=step_s,
+        )  # fmt: skip
+        batcher = Batcher(engine, limits, clock)
+        await batcher.start()
+        try:
+            await results(batcher.submit([ids(0, 5)], Priority.INTERACTIVE))  # learns the speed
+            stream = [await batcher.submit_when_ready(ids(t, n), flow="s") for t, n in
+                      enumerate(bulk, start=1)]  # fmt: skip
+            waits = []
+            for after in sorted(a % len(bulk) for a in arrivals):
+
+                def answered(after: int = after) -> bool:
+                    return sum(f.done() for f in stream) >= after
+
+                await wait_until(answered)
+                began = clock.now
+                await results(batcher.submit([ids(9999, 5)], Priority.INTERACTIVE))
+                waits.append(clock.now - began)
+            await results(stream)
+        finally:
+            await batcher.close()
+            await engine.close()
+        # In the engine it finds at most the bulk batch running (about a step, or one item
+        # bigger than a step), then it goes first; bulk in the engine never exceeds the
+        # in-flight batches' steps.
+        longest = max(step_s, max(bulk) / rate)
+        assert max(waits) <= longest + 5 / rate + 1e-9, (waits, longest)
+        cap = limits.max_inflight_batches * max(step_s * rate, *bulk)
+        assert max(engine.bulk_tokens_in_engine) <= cap
+
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(scenario())
+
+
+def test_engine_speed_counts_service_time_not_time_behind_another_batch() -> None:
+    speed = EngineSpeed(prior_latency_s=0.01)
+    speed.dispatched(0.0)  # a: 100 tokens
+    speed.dispatched(0.0)  # b: 100 tokens, waits behind a
+    speed.finished(100, 0.0, 1.0, delivered=True)
+    speed.finished(100, 0.0, 2.0, delivered=True)
+    assert speed.tokens_per_s == pytest.approx(100.0)  # not 100 / 2 s for b
+    # Two batches the engine ran in one step finish together: pooled, not infinitely fast.
+    speed.dispatched(5.0)
+    speed.dispatched(5.0)
+    speed.finished(100, 5.0, 6.0, delivered=True)
+    speed.finished(100, 5.0, 6.0, delivered=True)
+    assert speed.tokens_per_s == pytest.approx(100.0)
+    speed.dispatched(10.0)  # a cancelled batch teaches nothing
+    speed.finished(100, 10.0, 10.1, delivered=False)
+    assert speed.tokens_per_s == pytest.approx(100.0)
+    assert speed.tokens_in(0.5) == 50 and EngineSpeed(0.01).tokens_in(0.5) is None

@@ -70,6 +70,8 @@ def test_report_renders_tables_and_plots(tmp_path: Path) -> None:
             "batch32": {"queries": point(110 * scale, 2000)},
             "bulk": {"queries": point(120 * scale, 5000)},
             "mixed": {"idle": point(50, 30), "loaded": point(5, 90 / scale)},
+            "sporadic": {"0.05s": {"p50_ms": 20.0, "max_ms": 150 / scale}},
+            "fair": {"alone": {"seconds": 1.5}, "behind_large": {"seconds": 3 / scale}},
         }
         if http:
             out["float"] = {"queries": {"1x64": point(80 * scale, 5), "32x4": point(90 * scale, 5)}}
@@ -81,12 +83,19 @@ def test_report_renders_tables_and_plots(tmp_path: Path) -> None:
         "service": server(1.0),
         "service_http": server(0.75, http=True),
         "vllm": server(0.5, http=True),
+        "defaults": {
+            "service": {"unary": {"queries": {"16": point(90, 9)}}, "zipf": {"64": point(300, 5)}},
+            "vllm": {"unary": {"queries": {"16": point(100, 9)}}, "zipf": {"64": point(100, 5)}},
+        },
     }
     report.write(results, tmp_path)
     md = (tmp_path / "report.md").read_text("utf-8")
     assert "| unary, 64 concurrent | queries | 125.0 | 100.0 | 450.0 / 900.0 | 75.0 |" in md
     assert "| 0.80 | 2.00 | 1.50 |" in md  # gRPC / ceiling, gRPC / vLLM, HTTP / vLLM
     assert "| 1-text, 64 concurrent | queries | 60.0 | 75.0 | 40.0 | 50.0 | 1.50 |" in md
+    assert "| unary, 16 concurrent | queries | 90.0 | 100.0 | 0.90 |" in md
+    assert "| Zipf s=1.1, 64 concurrent | queries | 300.0 | 100.0 | 3.00 |" in md
+    assert "| service gRPC | 20.0 / 150.0 | - / - | 1.50 | 3.00 |" in md
     assert (tmp_path / "throughput.png").stat().st_size > 1000
     assert (tmp_path / "mixed_latency.png").stat().st_size > 1000
     json.dumps(results)

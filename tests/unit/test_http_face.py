@@ -141,7 +141,7 @@ async def test_other_encodings_as_numbers_and_base64(
 
 
 async def test_token_id_inputs_on_both_faces(make_server: ServerMaker) -> None:
-    server, engine = await make_server()
+    server, engine = await make_server(vector_cache_mb=0)  # each face must reach the engine
     ids = [101, 7592, 2088, 102]
     grpc_reply = await _grpc_embed(server, pb.EmbedRequest(tokens=[pb.TokenIds(ids=ids)]))
     async with _http(server) as http:
@@ -235,6 +235,7 @@ async def test_body_over_the_limit_is_413(make_server: ServerMaker) -> None:
 async def test_queue_full_is_429_with_retry_after(make_server: ServerMaker) -> None:
     server, _ = await make_server(
         FakeEngine(delay_s=0.05),
+        vector_cache_mb=0,  # the same texts every call: the cache would answer them
         max_batch_tokens=256,
         max_queue_tokens=256,
         max_request_tokens=256,

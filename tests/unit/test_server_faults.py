@@ -85,6 +85,7 @@ async def test_api_keys(make_server: ServerMaker) -> None:
 async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMaker) -> None:
     server, _engine = await make_server(
         FakeEngine(delay_s=0.05),
+        vector_cache_mb=0,  # the same texts every call: the cache would answer them
         max_batch_tokens=256,
         max_queue_tokens=256,
         max_request_tokens=256,
@@ -302,3 +303,34 @@ async def test_stream_refuses_malformed_multi_item_messages_and_goes_on(
         "x2",
         "x3",
     ]
+
+
+async def test_streams_that_never_read_hold_only_the_shared_budget(
+    make_server: ServerMaker,
+) -> None:
+    server, _ = await make_server(streams_max_inflight=40, stream_max_inflight=1024)
+    budget = server.servicer._streams
+    channel, stub = _stub(server)
+
+    async def requests(n: int) -> AsyncIterator[pb.EmbedStreamRequest]:
+        for i in range(400):
+            yield pb.EmbedStreamRequest(id=str(i), input=f"stream {n} item {i} " * 20)
+
+    async with channel:
+        # Calls whose responses are never read: their clients' windows fill, and the
+        # server's writes block with the items' room still held.
+        calls = [stub.EmbedStream(requests(n), timeout=60) for n in range(20)]
+        peak = 0
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            peak = max(peak, budget.held)
+        assert 0 < peak <= 40, peak
+        reply = await stub.Embed(pb.EmbedRequest(inputs=["a unary call meanwhile"]), timeout=10)
+        assert len(reply.embeddings) == 1
+        for call in calls:
+            call.cancel()
+        for _ in range(100):
+            if budget.held == 0:
+                break
+            await asyncio.sleep(0.02)
+    assert budget.held == 0

@@ -96,6 +96,8 @@ class EmbedOptions(_message.Message):
     NORMALIZE_FIELD_NUMBER: _builtins.int
     TRUNCATE_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    CHUNKING_FIELD_NUMBER: _builtins.int
+    VIEWS_FIELD_NUMBER: _builtins.int
     instruction: _builtins.str
     """Task description for queries, formatted the model's way
     (Qwen3: "Instruct: {instruction}\\nQuery:{text}"). Empty: the text is embedded as is,
@@ -115,6 +117,16 @@ class EmbedOptions(_message.Message):
     """Defaults to refusing inputs over the model's limit."""
     encoding: Global___Encoding.ValueType
     """Defaults to float32."""
+    @_builtins.property
+    def chunking(self) -> Global___Chunking:
+        """Split each input into chunks and embed every chunk; absent or max_tokens 0: off."""
+
+    @_builtins.property
+    def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___View]:
+        """More resolutions of the same vectors, from the same engine pass: answered in
+        Embedding.views, in this order, beside the main data.
+        """
+
     def __init__(
         self,
         *,
@@ -124,16 +136,140 @@ class EmbedOptions(_message.Message):
         normalize: _builtins.bool | None = ...,
         truncate: Global___Truncate.ValueType = ...,
         encoding: Global___Encoding.ValueType = ...,
+        chunking: Global___Chunking | None = ...,
+        views: _abc.Iterable[Global___View] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "normalize", b"normalize"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chunking", b"chunking", "normalize", b"normalize"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "dimensions", b"dimensions", "encoding", b"encoding", "instruction", b"instruction", "normalize", b"normalize", "prompt_name", b"prompt_name", "truncate", b"truncate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "chunking", b"chunking", "dimensions", b"dimensions", "encoding", b"encoding", "instruction", b"instruction", "normalize", b"normalize", "prompt_name", b"prompt_name", "truncate", b"truncate", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
     _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
 
 Global___EmbedOptions: _TypeAlias = EmbedOptions  # noqa: Y015
+
+@_typing.final
+class Chunking(_message.Message):
+    """How inputs are split into chunks, preferring paragraph, then sentence, then word
+    boundaries. An input of at most max_tokens tokens is one chunk. With chunking on, inputs
+    longer than the model's window are accepted (within max_input_chars and the request
+    token limit).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    max_tokens: _builtins.int
+    """Most tokens in one chunk, special tokens and the instruction prefix included, so every
+    chunk is a whole model input. At most the model's max_input_tokens.
+    """
+    overlap_tokens: _builtins.int
+    """About this many tokens shared by consecutive chunks; less than max_tokens."""
+    def __init__(
+        self,
+        *,
+        max_tokens: _builtins.int = ...,
+        overlap_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "overlap_tokens", b"overlap_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Chunking: _TypeAlias = Chunking  # noqa: Y015
+
+@_typing.final
+class View(_message.Message):
+    """One more resolution of a vector: Matryoshka dimensions (0: the call's dimensions) and an
+    encoding (unspecified: float32). Normalization follows the call's options.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    dimensions: _builtins.int
+    encoding: Global___Encoding.ValueType
+    def __init__(
+        self,
+        *,
+        dimensions: _builtins.int = ...,
+        encoding: Global___Encoding.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimensions", b"dimensions", "encoding", b"encoding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___View: _TypeAlias = View  # noqa: Y015
+
+@_typing.final
+class ViewData(_message.Message):
+    """A vector in the resolution one View asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    dimensions: _builtins.int
+    encoding: Global___Encoding.ValueType
+    scale: _builtins.float
+    """For ENCODING_INT8 only."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        dimensions: _builtins.int = ...,
+        encoding: Global___Encoding.ValueType = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dimensions", b"dimensions", "encoding", b"encoding", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ViewData: _TypeAlias = ViewData  # noqa: Y015
+
+@_typing.final
+class Chunk(_message.Message):
+    """One chunk of a chunked input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAR_START_FIELD_NUMBER: _builtins.int
+    CHAR_END_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    char_start: _builtins.int
+    """The chunk's span in the input, in Unicode code points (Python str indices):
+    input[char_start:char_end] is its text.
+    """
+    char_end: _builtins.int
+    @_builtins.property
+    def embedding(self) -> Global___Embedding:
+        """The chunk's own vector, in the call's dimensions, encoding and views."""
+
+    def __init__(
+        self,
+        *,
+        char_start: _builtins.int = ...,
+        char_end: _builtins.int = ...,
+        embedding: Global___Embedding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["char_end", b"char_end", "char_start", b"char_start", "embedding", b"embedding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Chunk: _TypeAlias = Chunk  # noqa: Y015
 
 @_typing.final
 class Embedding(_message.Message):
@@ -147,6 +283,8 @@ class Embedding(_message.Message):
     SCALE_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
+    VIEWS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The vector, encoded as `encoding` says."""
     dimensions: _builtins.int
@@ -158,6 +296,17 @@ class Embedding(_message.Message):
     """Tokens the model saw for this input, special tokens included."""
     truncated: _builtins.bool
     """Whether the input was cut to fit the model's limit."""
+    @_builtins.property
+    def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewData]:
+        """One per EmbedOptions.views, in that order."""
+
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Chunk]:
+        """With chunking on: the input's chunks in text order. data then holds the token-weighted
+        mean of the chunks' L2-normalized full-size vectors, sliced, normalized and encoded
+        like any vector; token_count is the sum of the chunks' counts.
+        """
+
     def __init__(
         self,
         *,
@@ -167,10 +316,12 @@ class Embedding(_message.Message):
         scale: _builtins.float = ...,
         token_count: _builtins.int = ...,
         truncated: _builtins.bool = ...,
+        views: _abc.Iterable[Global___ViewData] | None = ...,
+        chunks: _abc.Iterable[Global___Chunk] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dimensions", b"dimensions", "encoding", b"encoding", "scale", b"scale", "token_count", b"token_count", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "data", b"data", "dimensions", b"dimensions", "encoding", b"encoding", "scale", b"scale", "token_count", b"token_count", "truncated", b"truncated", "views", b"views"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,6 +361,7 @@ class Timing(_message.Message):
     QUEUE_US_FIELD_NUMBER: _builtins.int
     INFERENCE_US_FIELD_NUMBER: _builtins.int
     TOTAL_US_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     tokenize_us: _builtins.int
     """Tokenization and validation."""
     queue_us: _builtins.int
@@ -218,6 +370,8 @@ class Timing(_message.Message):
     """Longest time one of the call's batches spent in the engine."""
     total_us: _builtins.int
     """From receiving the request to having the response ready."""
+    cached: _builtins.int
+    """Inputs (or chunks) whose vectors came from the server's vector cache, not the engine."""
     def __init__(
         self,
         *,
@@ -225,10 +379,11 @@ class Timing(_message.Message):
         queue_us: _builtins.int = ...,
         inference_us: _builtins.int = ...,
         total_us: _builtins.int = ...,
+        cached: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inference_us", b"inference_us", "queue_us", b"queue_us", "tokenize_us", b"tokenize_us", "total_us", b"total_us"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "inference_us", b"inference_us", "queue_us", b"queue_us", "tokenize_us", b"tokenize_us", "total_us", b"total_us"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -629,6 +784,7 @@ class ServerLimits(_message.Message):
     MAX_QUEUE_ITEMS_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_TOKENS_FIELD_NUMBER: _builtins.int
+    STREAM_MAX_INFLIGHT_FIELD_NUMBER: _builtins.int
     max_inputs_per_request: _builtins.int
     """Texts per Embed call, and queries plus documents per Similarity call."""
     max_input_chars: _builtins.int
@@ -645,6 +801,8 @@ class ServerLimits(_message.Message):
     """Largest request message accepted, in bytes."""
     max_request_tokens: _builtins.int
     """Tokens in one Embed call (and in each side of a Similarity call)."""
+    stream_max_inflight: _builtins.int
+    """Items of one stream read but not yet answered; a client keeps this many in flight."""
     def __init__(
         self,
         *,
@@ -656,10 +814,11 @@ class ServerLimits(_message.Message):
         max_queue_items: _builtins.int = ...,
         max_request_bytes: _builtins.int = ...,
         max_request_tokens: _builtins.int = ...,
+        stream_max_inflight: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_tokens", b"max_batch_tokens", "max_input_chars", b"max_input_chars", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_items", b"max_queue_items", "max_queue_tokens", b"max_queue_tokens", "max_request_bytes", b"max_request_bytes", "max_request_tokens", b"max_request_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_items", b"max_batch_items", "max_batch_tokens", b"max_batch_tokens", "max_input_chars", b"max_input_chars", "max_inputs_per_request", b"max_inputs_per_request", "max_queue_items", b"max_queue_items", "max_queue_tokens", b"max_queue_tokens", "max_request_bytes", b"max_request_bytes", "max_request_tokens", b"max_request_tokens", "stream_max_inflight", b"stream_max_inflight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -747,3 +906,120 @@ class GetModelInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class TokenizeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUTS_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most limits.max_inputs_per_request texts."""
+
+    @_builtins.property
+    def options(self) -> Global___EmbedOptions:
+        """instruction, prompt_name and truncate apply as in Embed; the rest is ignored."""
+
+    def __init__(
+        self,
+        *,
+        inputs: _abc.Iterable[_builtins.str] | None = ...,
+        options: Global___EmbedOptions | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "options", b"options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
+
+@_typing.final
+class TokenSpan(_message.Message):
+    """A span of an input in Unicode code points (Python str indices)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAR_START_FIELD_NUMBER: _builtins.int
+    CHAR_END_FIELD_NUMBER: _builtins.int
+    char_start: _builtins.int
+    char_end: _builtins.int
+    def __init__(
+        self,
+        *,
+        char_start: _builtins.int = ...,
+        char_end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["char_end", b"char_end", "char_start", b"char_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenSpan: _TypeAlias = TokenSpan  # noqa: Y015
+
+@_typing.final
+class TokenizedInput(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    OFFSETS_FIELD_NUMBER: _builtins.int
+    TEXT_START_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    text_start: _builtins.int
+    truncated: _builtins.bool
+    """Whether the input was cut to fit the model's limit."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Exactly what Embed sends the engine for this input: prefix, special tokens, truncation.
+        An input over the model's window with truncation refused (the default) comes back
+        whole, though Embed would refuse it: what a client counting tokens or chunking needs.
+        """
+
+    @_builtins.property
+    def offsets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenSpan]:
+        """Where the tokens that come from the input text sit in it: offsets[i] belongs to
+        ids[text_start + i]. Special tokens and the instruction prefix have none.
+        """
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        offsets: _abc.Iterable[Global___TokenSpan] | None = ...,
+        text_start: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "offsets", b"offsets", "text_start", b"text_start", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizedInput: _TypeAlias = TokenizedInput  # noqa: Y015
+
+@_typing.final
+class TokenizeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenizedInput]:
+        """One per input, in input order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TokenizedInput] | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015

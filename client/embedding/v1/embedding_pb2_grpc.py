@@ -58,6 +58,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/Tokenize',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -98,6 +103,13 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids Embed would send the engine for each input, with their places in the text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +132,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -234,6 +251,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/GetModelInfo',
             embedding_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/Tokenize',
+            embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ class EmbeddingServiceStub:
     """Cosine similarity between queries and documents."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]
     """The model and the server's limits."""
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.TokenizeRequest, _embedding_pb2.TokenizeResponse]
+    """The token ids Embed would send the engine for each input, with their places in the text."""
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -71,6 +73,8 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """Cosine similarity between queries and documents."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_embedding_pb2.GetModelInfoRequest, _embedding_pb2.GetModelInfoResponse]  # type: ignore[assignment]
     """The model and the server's limits."""
+    Tokenize: _aio.UnaryUnaryMultiCallable[_embedding_pb2.TokenizeRequest, _embedding_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """The token ids Embed would send the engine for each input, with their places in the text."""
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """EmbeddingService turns text into vectors with one embedding model.
@@ -114,5 +118,13 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.GetModelInfoResponse, _abc.Awaitable[_embedding_pb2.GetModelInfoResponse]]:
         """The model and the server's limits."""
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _embedding_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.TokenizeResponse, _abc.Awaitable[_embedding_pb2.TokenizeResponse]]:
+        """The token ids Embed would send the engine for each input, with their places in the text."""
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

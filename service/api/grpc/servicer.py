@@ -18,6 +18,7 @@ from service import postprocess
 from service.api.grpc import wire
 from service.api.grpc.status import to_status
 from service.api.grpc.stream import StreamSession, Undecodable
+from service.api.grpc.stream_budget import StreamBudget
 from service.api.runtime import Gate, Runtime
 from service.errors import InvalidInputError
 from service.pipeline import Inputs, TokenInputs
@@ -59,6 +60,7 @@ def add_servicer(
         "Embed": unary(servicer.Embed, _lenient(pb.EmbedRequest), _serialize),
         "Similarity": unary(servicer.Similarity, _lenient(pb.SimilarityRequest), _serialize),
         "GetModelInfo": unary(servicer.GetModelInfo, _lenient(pb.GetModelInfoRequest), _serialize),
+        "Tokenize": unary(servicer.Tokenize, _lenient(pb.TokenizeRequest), _serialize),
         "EmbedStream": grpc.stream_stream_rpc_method_handler(
             servicer.EmbedStream, _lenient(pb.EmbedStreamRequest), _serialize
         ),
@@ -73,7 +75,7 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def model_info(rt: Runtime) -> pb.GetModelInfoResponse:
+def model_info(rt: Runtime, stream_max_inflight: int) -> pb.GetModelInfoResponse:
     info, card, limits = rt.info, rt.card, rt.limits
     return pb.GetModelInfoResponse(
         model=info.model_name,
@@ -95,6 +97,7 @@ def model_info(rt: Runtime) -> pb.GetModelInfoResponse:
             max_queue_items=limits.max_queue_items,
             max_request_bytes=limits.max_request_bytes,
             max_request_tokens=limits.max_request_tokens,
+            stream_max_inflight=stream_max_inflight,
         ),
     )
 
@@ -111,8 +114,11 @@ def _embed_inputs(request: pb.EmbedRequest, rt: Runtime) -> tuple[Inputs, str]:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    def __init__(self, gate: Gate, send_timing_metadata: bool = True) -> None:
+    def __init__(
+        self, gate: Gate, streams: StreamBudget, send_timing_metadata: bool = True
+    ) -> None:
         self._gate = gate
+        self._streams = streams
         # Metadata on a unary response costs grpc.aio about as much as the rest of a
         # null-engine call's telemetry (see benchmarks/README.md); operators may drop it.
         self._send_timing = send_timing_metadata
@@ -167,8 +173,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             v.texts(request.documents, "documents")
             v.count(len(request.queries) + len(request.documents), "queries+documents")
             spec = v.options(wire.request_options(request.options))
-            if spec.encoding is not postprocess.Encoding.FLOAT32:
-                raise InvalidInputError("options.encoding", "does not apply to Similarity")
+            for name, unused in (
+                ("encoding", spec.encoding is not postprocess.Encoding.FLOAT32),
+                ("chunking", spec.chunking is not None),
+                ("views", bool(spec.views)),
+            ):
+                if unused:
+                    raise InvalidInputError(f"options.{name}", "does not apply to Similarity")
             outcome = await rt.embedder.similarity(
                 request.queries, request.documents, spec, _deadline(context)
             )
@@ -187,8 +198,19 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.GetModelInfoResponse:
         async def handle(rt: Runtime) -> pb.GetModelInfoResponse:
             if self._model_info is None or self._model_info[0] is not rt:
-                self._model_info = (rt, model_info(rt))
+                self._model_info = (rt, model_info(rt, self._streams.per_stream))
             return self._model_info[1]
+
+        return await self._answer(request, context, handle)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        async def handle(rt: Runtime) -> pb.TokenizeResponse:
+            rt.validator.texts(request.inputs, "inputs")
+            spec = rt.validator.options(wire.request_options(request.options))
+            results = await rt.embedder.tokenize(request.inputs, spec, "inputs")
+            return pb.TokenizeResponse(
+                results=[wire.tokenized(r) for r in results], model=rt.info.model_name
+            )
 
         return await self._answer(request, context, handle)
 
@@ -200,7 +222,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         except Exception as exc:
             await context.abort_with_status(rpc_status.to_status(to_status(exc)))
             return
-        session = StreamSession(rt, _deadline(context))
+        session = StreamSession(rt, self._streams, _deadline(context))
         async for response in session.run(request_iterator):
             yield response
 

@@ -8,13 +8,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from embedding.v1 import embedding_pb2 as pb
 from service.api.grpc import wire
 from service.api.grpc.status import to_status
+from service.api.grpc.stream_budget import StreamBudget
 from service.api.runtime import Runtime
 from service.errors import InvalidInputError
 from service.pipeline import EmbedOutcome, EmbedSpec
@@ -59,18 +59,20 @@ _Reply = tuple[pb.EmbedStreamResponse, int, Sequence[str]]
 class StreamSession:
     """One EmbedStream call: a reader feeds items in, results go out as they finish.
 
-    At most `stream_max_inflight` items are read but not yet answered. The reader stops
-    pulling requests when that many are out, so a client that sends faster than the engine
-    works, or stops reading its results, is slowed by HTTP/2 flow control instead of making
-    the server buffer.
+    Items read but not yet answered hold room in the server-wide StreamBudget: at most
+    `stream_max_inflight` for this stream, and a fair share of the total when streams
+    compete. The reader stops pulling requests when it has no room, so a client that sends
+    faster than the engine works, or stops reading its results, is slowed by HTTP/2 flow
+    control instead of making the server buffer. The stream is its items' flow in the
+    batcher, so concurrent streams share the engine evenly.
     """
 
-    def __init__(self, rt: Runtime, deadline: float | None) -> None:
+    def __init__(self, rt: Runtime, budget: StreamBudget, deadline: float | None) -> None:
         self._rt = rt
         self._deadline = deadline
-        self._slots = asyncio.Semaphore(rt.limits.stream_max_inflight)
+        self._slots = budget.share()
         # A message never needs more slots than exist, or its reader would wait forever.
-        self._max_items = min(rt.validator.max_inputs, rt.limits.stream_max_inflight)
+        self._max_items = min(rt.validator.max_inputs, budget.per_stream)
         self._results: asyncio.Queue[_Reply | None] = asyncio.Queue()
         self._inflight_ids: set[str] = set()
         self._pending: list[_Item] = []  # read, not yet in a group
@@ -88,14 +90,14 @@ class StreamSession:
                 response, slots, ids = reply
                 yield response
                 self._inflight_ids.difference_update(ids)
-                for _ in range(slots):
-                    self._slots.release()
+                self._slots.release(slots)
             await reader  # re-raise a failure of the request stream itself
         finally:
             for task in (reader, grouper, *self._tasks):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(reader, grouper, *self._tasks, return_exceptions=True)
+            self._slots.close()
 
     async def _read(self, requests: AsyncIterator[pb.EmbedStreamRequest]) -> None:
         try:
@@ -132,8 +134,7 @@ class StreamSession:
             error = to_status(InvalidInputError("items", f"{refusal} (first id {items[0].id!r})"))
             self._results.put_nowait((pb.EmbedStreamResponse(error=error), 1, ()))
             return
-        for _ in range(len(items)):
-            await self._slots.acquire()
+        await self._slots.acquire(len(items))
         duplicates = []
         for it in items:
             if not self._accept(_Item(it.id, it.input, request.options, True)):
@@ -200,7 +201,9 @@ class StreamSession:
         """Items with the same options: one pipeline call, one encoding pass."""
         texts = [item.input for item in items]
         try:
-            outcomes = await self._rt.embedder.embed_bulk(texts, spec, "input", self._deadline)
+            outcomes = await self._rt.embedder.embed_bulk(
+                texts, spec, "input", self._deadline, flow=self
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -211,11 +214,7 @@ class StreamSession:
             if not isinstance(o, Exception)
         ]
         if good:
-            merged = EmbedOutcome(
-                vectors=np.concatenate([o.vectors for _, o in good]),
-                inputs=[o.inputs[0] for _, o in good],
-                timing=good[0][1].timing,
-            )
+            merged = EmbedOutcome.join([o for _, o in good])
             for (item, ok), embedding in zip(good, wire.embeddings(merged, spec), strict=True):
                 answers.embedding(item, embedding, ok)
         for item, outcome in zip(items, outcomes, strict=True):

@@ -6,9 +6,10 @@ import time
 
 from embedding.v1 import embedding_pb2 as pb
 from service import postprocess
-from service.api.validation import RequestOptions
-from service.pipeline import EmbedOutcome, EmbedSpec, Timing
+from service.api.validation import RequestOptions, ViewOptions
+from service.pipeline import EmbedOutcome, EmbedSpec, Timing, view_vectors
 from service.telemetry import names
+from service.tokenization import TokenSpans
 
 # Enum values by the names the validator knows; an unknown number is passed on as its
 # digits, so the validator refuses it naming the field.
@@ -40,8 +41,17 @@ def request_options(opts: pb.EmbedOptions) -> RequestOptions:
         dimensions=opts.dimensions or None,  # proto3: 0 is unset, the native size
         normalize=opts.normalize if opts.HasField("normalize") else None,
         truncate=_TRUNCATE_NAMES.get(opts.truncate, str(opts.truncate)),
-        encoding=_ENCODING_NAMES.get(opts.encoding, str(opts.encoding)),
+        encoding=_encoding_name(opts.encoding),
+        chunk_max_tokens=opts.chunking.max_tokens,
+        chunk_overlap_tokens=opts.chunking.overlap_tokens,
+        views=tuple(
+            ViewOptions(v.dimensions or None, _encoding_name(v.encoding)) for v in opts.views
+        ),
     )
+
+
+def _encoding_name(value: pb.Encoding.ValueType) -> str:
+    return _ENCODING_NAMES.get(value, str(value))
 
 
 def _us(seconds: float) -> int:
@@ -58,6 +68,7 @@ def timing(t: Timing | None, started: float) -> pb.Timing:
         queue_us=_us(t.queue_s),
         inference_us=_us(t.inference_s),
         total_us=total,
+        cached=t.cached,
     )
 
 
@@ -78,7 +89,7 @@ def timing_metadata(t: pb.Timing) -> tuple[tuple[str, str], ...]:
 def embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
     encoded = postprocess.encode(outcome.vectors, spec.encoding)
     wire = WIRE_ENCODING[spec.encoding]
-    return [
+    out = [
         pb.Embedding(
             data=e.data,
             dimensions=spec.dimensions,
@@ -89,3 +100,24 @@ def embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
         )
         for e, inp in zip(encoded, outcome.inputs, strict=True)
     ]
+    for view, vectors in view_vectors(outcome, spec):
+        view_wire = WIRE_ENCODING[view.encoding]
+        for embedding, e in zip(out, postprocess.encode(vectors, view.encoding), strict=True):
+            embedding.views.append(
+                pb.ViewData(
+                    data=e.data, dimensions=view.dimensions, encoding=view_wire, scale=e.scale
+                )
+            )
+    for embedding, chunks in zip(out, outcome.chunks or (), strict=False):
+        for (start, end), part in zip(chunks.spans, embeddings(chunks.outcome, spec), strict=True):
+            embedding.chunks.append(pb.Chunk(char_start=start, char_end=end, embedding=part))
+    return out
+
+
+def tokenized(t: TokenSpans) -> pb.TokenizedInput:
+    return pb.TokenizedInput(
+        ids=t.ids,
+        offsets=[pb.TokenSpan(char_start=a, char_end=b) for a, b in t.offsets],
+        text_start=t.text_start,
+        truncated=t.truncated,
+    )

@@ -31,9 +31,9 @@ from service.api.http.errors import error_response
 from service.api.keys import MISSING_KEY_MESSAGE, ApiKeys, presented_key
 from service.api.problems import Kind, Problem, describe
 from service.api.runtime import Gate, Runtime
-from service.api.validation import RequestOptions
+from service.api.validation import RequestOptions, ViewOptions
 from service.errors import InvalidInputError, NotReadyError, UnknownModelError
-from service.pipeline import Inputs, Timing, TokenInputs
+from service.pipeline import EmbedOutcome, EmbedSpec, Inputs, Timing, TokenInputs, view_vectors
 from service.telemetry import names
 
 S = TypeVar("S", bound=msgspec.Struct)
@@ -109,6 +109,7 @@ def _timing_headers(t: Timing, started: float) -> dict[str, str]:
         names.QUEUE_TIME_HEADER: f"{t.queue_s * 1000:.3f}",
         names.INFERENCE_TIME_HEADER: f"{t.inference_s * 1000:.3f}",
         names.TOKENIZE_TIME_HEADER: f"{t.tokenize_s * 1000:.3f}",
+        names.CACHED_INPUTS_HEADER: str(t.cached),
     }
 
 
@@ -151,7 +152,7 @@ class HttpApi:
 
     ROUTES = frozenset(
         {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health"}
-        | {"/openapi.json", "/docs"}
+        | {"/tokenize", "/openapi.json", "/docs"}
     )
 
     def app(self) -> Starlette:
@@ -160,6 +161,7 @@ class HttpApi:
             for paths, handler, body in (
                 (("/v1/embeddings", "/embeddings"), self._embeddings, schemas.EmbeddingsRequest),
                 (("/v1/rerank", "/rerank"), self._rerank, schemas.RerankRequest),
+                (("/tokenize",), self._tokenize, schemas.TokenizeRequest),
             )
             for path in paths
         ]
@@ -277,26 +279,21 @@ class HttpApi:
             rt.validator.count(len(inputs), "input", "token-id inputs")
         else:
             rt.validator.texts(inputs, "input")
-        prompt = req.prompt_name or ""
-        if req.input_type is not None:
-            if req.input_type not in _INPUT_TYPES:
-                raise _invalid(
-                    "input_type", f"unknown value {req.input_type!r} (query or document)"
-                )
-            if req.instruction or req.prompt_name:
-                raise _invalid("input_type", "set input_type, instruction or prompt_name, not two")
-            prompt = rt.validator.query_prompt_name if req.input_type == "query" else ""
+        chunking, views = req.chunking, req.views or []
         opts = RequestOptions(
             instruction=req.instruction or "",
-            prompt_name=prompt,
+            prompt_name=_prompt_name(rt, req),
             dimensions=req.dimensions,
             normalize=req.normalize,
             truncate=req.truncate or "",
             encoding=req.encoding or "",
+            chunk_max_tokens=chunking.max_tokens if chunking else 0,
+            chunk_overlap_tokens=chunking.overlap_tokens if chunking else 0,
+            views=tuple(ViewOptions(v.dimensions, v.encoding or "") for v in views),
         )
         spec = rt.validator.options(opts, prefix="", token_inputs=tokens)
         outcome = await rt.embedder.embed(inputs, spec, "input", None)
-        data = _data(outcome.vectors, spec.encoding, req.encoding_format == "base64")
+        data = _data(outcome, spec, req.encoding_format == "base64")
         n = outcome.prompt_tokens
         body = {
             "object": "list",
@@ -344,6 +341,31 @@ class HttpApi:
         headers = _timing_headers(outcome.timing, started) if self._timing_headers else None
         return _json(body, headers)
 
+    # --------------------------------------------------------------------- tokenize
+
+    async def _tokenize(self, rt: Runtime, req: schemas.TokenizeRequest) -> Response:
+        self._check_model(rt, req.model)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        rt.validator.texts(texts, "input")
+        opts = RequestOptions(
+            instruction=req.instruction or "",
+            prompt_name=_prompt_name(rt, req),
+            truncate=req.truncate or "",
+        )
+        spec = rt.validator.options(opts, prefix="")
+        results = await rt.embedder.tokenize(texts, spec, "input")
+        data = [
+            {
+                "index": i,
+                "tokens": r.ids,
+                "offsets": r.offsets,
+                "text_start": r.text_start,
+                "truncated": r.truncated,
+            }
+            for i, r in enumerate(results)
+        ]
+        return _json({"model": rt.info.model_name, "data": data})
+
     # ----------------------------------------------------------------------- models
 
     async def _models(self, rt: Runtime, _: None) -> Response:
@@ -357,28 +379,58 @@ class HttpApi:
         return _json({"object": "list", "data": [card]})
 
 
-def _data(
+def _prompt_name(rt: Runtime, req: schemas.EmbeddingsRequest | schemas.TokenizeRequest) -> str:
+    """prompt_name, or the one `input_type` stands for."""
+    if req.input_type is None:
+        return req.prompt_name or ""
+    if req.input_type not in _INPUT_TYPES:
+        raise _invalid("input_type", f"unknown value {req.input_type!r} (query or document)")
+    if req.instruction or req.prompt_name:
+        raise _invalid("input_type", "set input_type, instruction or prompt_name, not two")
+    return rt.validator.query_prompt_name if req.input_type == "query" else ""
+
+
+def _data(outcome: EmbedOutcome, spec: EmbedSpec, as_base64: bool) -> list[dict[str, Any]]:
+    """One OpenAI `data` item per input, with its views and chunks when asked."""
+    out = [
+        {"object": "embedding", "index": i, **vector}
+        for i, vector in enumerate(_vectors(outcome.vectors, spec.encoding, as_base64))
+    ]
+    for view, vectors in view_vectors(outcome, spec):
+        described = {"dimensions": view.dimensions, "encoding": view.encoding.value}
+        for item, vector in zip(out, _vectors(vectors, view.encoding, as_base64), strict=True):
+            item.setdefault("views", []).append({**described, **vector})
+    for item, chunks in zip(out, outcome.chunks or (), strict=False):
+        parts = _data(chunks.outcome, spec, as_base64)
+        item["chunks"] = [
+            {
+                "char_start": start,
+                "char_end": end,
+                "token_count": len(tokens.ids),
+                **{k: v for k, v in part.items() if k not in ("object", "index")},
+            }
+            for (start, end), tokens, part in zip(
+                chunks.spans, chunks.outcome.inputs, parts, strict=True
+            )
+        ]
+    return out
+
+
+def _vectors(
     vectors: postprocess.FloatMatrix, encoding: postprocess.Encoding, as_base64: bool
 ) -> list[dict[str, Any]]:
-    """One OpenAI `data` item per row: numbers (orjson writes the arrays) or base64 bytes."""
-    out: list[dict[str, Any]] = []
+    """Per row, `embedding` as numbers (orjson writes the arrays) or base64 bytes, and the
+    int8 `scale`."""
     if encoding is postprocess.Encoding.FLOAT32 and not as_base64:
-        rows: Sequence[Any] = list(vectors)  # float32 rows, serialized as they are
-        scales = [0.0] * len(rows)
+        return [{"embedding": row} for row in vectors]  # float32 rows, serialized as they are
+    encoded = postprocess.encode(vectors, encoding)
+    if as_base64:
+        rows: Sequence[Any] = [base64.b64encode(e.data).decode("ascii") for e in encoded]
     else:
-        encoded = postprocess.encode(vectors, encoding)
-        scales = [e.scale for e in encoded]
-        if as_base64:
-            rows = [base64.b64encode(e.data).decode("ascii") for e in encoded]
-        else:
-            dtype = _NUMBER_DTYPE[encoding]
-            rows = [np.frombuffer(e.data, dtype) for e in encoded]
-    for i, row in enumerate(rows):
-        item = {"object": "embedding", "index": i, "embedding": row}
-        if encoding is postprocess.Encoding.INT8:
-            item["scale"] = scales[i]
-        out.append(item)
-    return out
+        rows = [np.frombuffer(e.data, _NUMBER_DTYPE[encoding]) for e in encoded]
+    if encoding is postprocess.Encoding.INT8:
+        return [{"embedding": r, "scale": e.scale} for r, e in zip(rows, encoded, strict=True)]
+    return [{"embedding": r} for r in rows]
 
 
 class _Refusal(Exception):

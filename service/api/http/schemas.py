@@ -19,6 +19,16 @@ import msgspec
 # ---------------------------------------------------------------------------- requests
 
 
+class ChunkingOptions(msgspec.Struct, kw_only=True):
+    max_tokens: int
+    overlap_tokens: int = 0
+
+
+class ViewOptions(msgspec.Struct, kw_only=True):
+    dimensions: int | None = None
+    encoding: str | None = None
+
+
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     """POST /v1/embeddings: OpenAI's request, plus the service's options."""
 
@@ -36,6 +46,19 @@ class EmbeddingsRequest(msgspec.Struct, kw_only=True):
     truncate: str | None = None
     normalize: bool | None = None
     encoding: str | None = None
+    chunking: ChunkingOptions | None = None
+    views: list[ViewOptions] | None = None
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    """POST /tokenize: the ids /v1/embeddings would send the engine, with their spans."""
+
+    input: str | list[str]
+    model: str | None = None
+    instruction: str | None = None
+    prompt_name: str | None = None
+    input_type: str | None = None
+    truncate: str | None = None
 
 
 class TextDocument(msgspec.Struct):
@@ -67,6 +90,40 @@ class EmbeddingData(msgspec.Struct):
     embedding: list[float] | str
     # encoding int8 only: multiply each value by this to get the float.
     scale: float | None = None
+    views: list[ViewData] | None = None  # one per asked view, in order
+    chunks: list[ChunkData] | None = None  # with chunking: the input's chunks in text order
+
+
+class ViewData(msgspec.Struct):
+    dimensions: int
+    encoding: str
+    embedding: list[float] | str
+    scale: float | None = None
+
+
+class ChunkData(msgspec.Struct):
+    # Code points into the input: input[char_start:char_end] is the chunk's text.
+    char_start: int
+    char_end: int
+    token_count: int
+    embedding: list[float] | str
+    scale: float | None = None
+    views: list[ViewData] | None = None
+
+
+class TokenizedData(msgspec.Struct):
+    index: int
+    tokens: list[int]
+    # [start, end) code points of each token from the input text: offsets[i] belongs to
+    # tokens[text_start + i]; special tokens and the instruction have none.
+    offsets: list[tuple[int, int]]
+    text_start: int
+    truncated: bool
+
+
+class TokenizeResponse(msgspec.Struct):
+    model: str
+    data: list[TokenizedData]
 
 
 class Usage(msgspec.Struct):
@@ -136,12 +193,19 @@ _EXTENSIONS = {
     "truncate": "refuse (default), end or start: what to do with inputs over the window",
     "normalize": "L2-normalize the vector (default true)",
     "encoding": "float32 (default), float16, int8 (with scale) or binary (packed bits)",
+    "chunking": "split each input into chunks of at most max_tokens tokens (prefix and special"
+    " tokens included), about overlap_tokens shared; each data item then has `chunks` with"
+    " their spans and vectors, and its own embedding is the token-weighted mean of the chunks'"
+    " normalized vectors",
+    "views": "more resolutions of the same vectors from one engine pass: each item gets"
+    " `views`, one per {dimensions, encoding} asked, in order",
 }
 
 
 def openapi(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route."""
     structs = [EmbeddingsRequest, EmbeddingsResponse, RerankRequest, RerankResponse]
+    structs += [TokenizeRequest, TokenizeResponse]
     (_, components) = msgspec.json.schema_components(
         [*structs, ModelList, ErrorBody], ref_template="#/components/schemas/{name}"
     )
@@ -184,6 +248,11 @@ def openapi(version: str) -> dict[str, Any]:
         "RerankRequest",
         "RerankResponse",
     )
+    tokenize = post(
+        "The token ids /v1/embeddings would send the engine, with their spans in the text",
+        "TokenizeRequest",
+        "TokenizeResponse",
+    )
     models = {"get": {"summary": "The served model", "responses": {"200": json_body("ModelList")}}}
     health = {
         "get": {
@@ -197,6 +266,7 @@ def openapi(version: str) -> dict[str, Any]:
         "paths": {
             "/v1/embeddings": embeddings,
             "/v1/rerank": rerank,
+            "/tokenize": tokenize,
             "/v1/models": models,
             "/health": health,
         },

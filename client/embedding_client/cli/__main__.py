@@ -1,0 +1,5 @@
+"""`python -m embedding_client.cli` is `embed-files`."""
+
+from embedding_client.cli.main import main
+
+raise SystemExit(main())
