@@ -27,6 +27,7 @@ from service.tokenization import (
     TokenizedInput,
     TokenSpans,
     Truncation,
+    all_or_raise,
 )
 from service.vector_cache import CachingBatcher
 
@@ -182,7 +183,7 @@ class Embedder:
         stages = self._stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
-            prepared = _all_or_raise(await self._prepare(texts, spec, field))
+            prepared: list[Prepared] = all_or_raise(await self._prepare(texts, spec, field))
         tokenized = time.perf_counter()
         units = [t for p in prepared for t in _units(p)]
         stages.tokenized(units)
@@ -275,9 +276,7 @@ class Embedder:
             else:
                 raise result  # cancelled
         good = [i for i in range(len(prepared)) if i not in failed]
-        outcomes: list[EmbedOutcome | Exception] = [
-            failed.get(i, _NOT_SET) for i in range(len(prepared))
-        ]
+        rows: dict[int, EmbedOutcome] = {}
         if good:
             joined = _assemble(
                 [cast(Prepared, prepared[i]) for i in good],
@@ -285,9 +284,8 @@ class Embedder:
                 spec,
                 tokenize_s,
             )
-            for row, i in enumerate(good):
-                outcomes[i] = joined.row(row, _timing(tokenize_s, results[i]))
-        return outcomes
+            rows = {i: joined.row(k, _timing(tokenize_s, results[i])) for k, i in enumerate(good)}
+        return [failed[i] if i in failed else rows[i] for i in range(len(prepared))]
 
     async def _prepare(
         self, texts: Inputs, spec: EmbedSpec, field: str, indexed: bool = True
@@ -337,19 +335,11 @@ def view_vectors(
 
 
 Prepared = TokenizedInput | ChunkedInput
-_NOT_SET = RuntimeError("not set")  # replaced for every index before embed_bulk returns
 
 
 def _units(item: Prepared) -> list[TokenizedInput]:
     """What goes to the engine for one input: itself, or its chunks."""
     return item.chunks if isinstance(item, ChunkedInput) else [item]
-
-
-def _all_or_raise(items: list[Prepared | InvalidInputError]) -> list[Prepared]:
-    for item in items:
-        if isinstance(item, InvalidInputError):
-            raise item
-    return cast(list[Prepared], items)
 
 
 def _timing(tokenize_s: float, results: Sequence[ItemResult]) -> Timing:

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from tokenizers import Encoding, Tokenizer
 
 from service.chunking import Chunker, ChunkSpec, Span
 from service.errors import InputTooLongError, InvalidInputError
+
+T = TypeVar("T")
 
 
 class Truncation(enum.Enum):
@@ -133,7 +135,7 @@ class TextTokenizer:
 
         `field` names the texts in errors: "inputs[3]", or "input" when not indexed.
         """
-        return _all_or_raise(await self.tokenize_each(texts, prefix, truncation, field, indexed))
+        return all_or_raise(await self.tokenize_each(texts, prefix, truncation, field, indexed))
 
     async def tokenize_each(
         self,
@@ -177,7 +179,7 @@ class TextTokenizer:
         indexed: bool = True,
     ) -> list[TokenizedInput]:
         """`tokenize`, on the calling thread."""
-        return _all_or_raise(self._each(texts, prefix, truncation, field, indexed))
+        return all_or_raise(self._each(texts, prefix, truncation, field, indexed))
 
     def _each(
         self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str, indexed: bool
@@ -311,8 +313,9 @@ class TextTokenizer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _all_or_raise(items: list[TokenizedInput | InvalidInputError]) -> list[TokenizedInput]:
+def all_or_raise(items: Sequence[T | InvalidInputError]) -> list[T]:
+    """The items, or the first error among them raised: a request fails as a whole."""
     for item in items:
         if isinstance(item, InvalidInputError):
             raise item
-    return cast(list[TokenizedInput], items)
+    return cast(list[T], list(items))
