@@ -26,7 +26,7 @@ from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
 from service.config import ServiceConfig, load_config
 from service.model_card import resolve_model_path
-from service.server import load_vllm_engine, served_name
+from service.server import load_vllm_engine, served_names
 from service.tokenization import TextTokenizer, Truncation
 
 BATCH = 256  # sequences per engine call
@@ -35,7 +35,7 @@ INFLIGHT = 4  # engine calls outstanding
 
 async def _drive(config: ServiceConfig, kind: str, texts: Sequence[str], seconds: float) -> Point:
     path = resolve_model_path(config.model)
-    engine = await asyncio.to_thread(load_vllm_engine, config, path, served_name(config))
+    engine = await asyncio.to_thread(load_vllm_engine, config, path, served_names(config)[0])
     try:
         batches = _token_batches(path, engine.info.max_input_tokens, kind, texts)
         await engine.embed(batches[0][:8])  # first-call costs stay out of the timing

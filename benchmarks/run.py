@@ -44,7 +44,7 @@ from benchmarks.servers import (
     vllm_server_args,
 )
 from service.config import ServiceConfig, load_config
-from service.server import served_name
+from service.server import served_names
 
 FAIR_SMALL_JOB = 150  # texts of the small bulk job started behind the whole corpus
 LOADS = ("unary", "batch32", "float", "bulk", "mixed", "sporadic", "fair", "zipf")
@@ -292,7 +292,7 @@ async def run_servers(
     service_args: list[str], config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path
 ) -> dict[str, Any]:
     """The service (both faces) and vLLM's server with the same engine settings."""
-    model = served_name(config)
+    model = served_names(config)[0]
     servers: list[Server] = []
     targets: list[Target] = []
     try:
@@ -325,7 +325,7 @@ async def run_defaults(
     The Zipf point, where repeats are the traffic, then runs against the service with all
     its defaults, the cache included. vLLM's server gets the model and nothing else.
     """
-    model = served_name(config)
+    model = served_names(config)[0]
     model_args = ["--model", config.model]
     logs = out / "logs"
     results: dict[str, Any] = {}
@@ -377,7 +377,7 @@ def _meta(
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, {platform.platform()}",
-        "model": served_name(config),
+        "model": served_names(config)[0],
         "service_args": service_args,
         "engine": {
             "max_num_batched_tokens": max(config.max_batch_tokens, config.max_model_len),

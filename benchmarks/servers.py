@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.config import ServiceConfig
 from service.engines.vllm_engine import _resolve_dtype
 from service.model_card import resolve_model_path
-from service.server import served_name
+from service.server import served_names
 
 START_TIMEOUT_S = 300.0
 
@@ -120,7 +120,7 @@ def vllm_server_args(config: ServiceConfig) -> list[str]:
     """vLLM's server flags for the engine settings the service derives from `config`."""
     return [
         "--model", str(resolve_model_path(config.model)),
-        "--served-model-name", served_name(config),
+        "--served-model-name", served_names(config)[0],
         "--runner", "pooling",
         "--dtype", _resolve_dtype(config.dtype),
         "--gpu-memory-utilization", str(config.gpu_memory_utilization),
@@ -144,7 +144,7 @@ def vllm_default_args(config: ServiceConfig) -> list[str]:
     cache only, which a small embedding model never fills."""
     return [
         "--model", str(resolve_model_path(config.model)),
-        "--served-model-name", served_name(config),
+        "--served-model-name", served_names(config)[0],
         "--runner", "pooling",
         "--gpu-memory-utilization", str(config.gpu_memory_utilization),
         "--disable-uvicorn-access-log",

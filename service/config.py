@@ -42,9 +42,14 @@ class ServiceConfig:
     # Model and engine
     model: str = _opt(
         BUNDLED_MODEL,
-        "local model folder or Hub id; the default is served from the bundled package",
+        "local model folder or Hub id of the embedding model; the default is served from the"
+        " bundled package",
     )
-    served_model_name: str = _opt("", "name reported to clients (default: from --model)")
+    served_model_name: str = _opt(
+        "",
+        "comma-separated names clients may ask for; the first is reported (default: --model,"
+        " and for a Hub id also its last part: all-MiniLM-L6-v2)",
+    )
     dtype: str = _opt(
         "auto", "engine dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16"
     )
@@ -73,6 +78,25 @@ class ServiceConfig:
         "exact-match cache of raw vectors keyed by the input's token ids, in MiB; identical"
         " inputs in flight share one engine request (0: off)",
     )
+    # A cross-encoder reranker beside the embedding model: a second engine with its own
+    # memory share, batch budgets and queues (the queue bounds below apply to each model).
+    rerank_model: str = _opt(
+        "",
+        "local folder or Hub id of a cross-encoder reranker (Qwen3-Reranker, bge-reranker,"
+        " ms-marco-MiniLM) served beside --model; empty: none (rerank uses the embedding"
+        " model's cosines)",
+    )
+    rerank_served_model_name: str = _opt(
+        "", "comma-separated names of the rerank model, as --served-model-name"
+    )
+    rerank_gpu_memory_utilization: float = _opt(
+        0.1, "the rerank engine's share of GPU memory (of RAM on CPU), beside the embedder's"
+    )
+    rerank_max_model_len: int = _opt(
+        0, "longest query+document pair in tokens (0: the rerank model's own limit)"
+    )
+    rerank_max_batch_tokens: int = _opt(4096, "token budget of one rerank engine batch")
+    rerank_max_batch_items: int = _opt(64, "pairs in one rerank engine batch")
     min_dimensions: int = _opt(32, "smallest Matryoshka dimension accepted")
     instruction_template: str = _opt(
         "", "prefix with {instruction} for queries (default: read from the model's prompts)"
@@ -98,6 +122,29 @@ class ServiceConfig:
         150.0,
         "stream batches are sized from the measured engine speed to take about this long,"
         " which bounds a unary call's wait behind bulk work (0: full-size stream batches)",
+    )
+
+    # Inputs over the model's window, when a request does not say (refuse, end or start).
+    # HTTP cuts the end, as TEI (auto-truncate since 1.9) and Ollama do: Open WebUI, Chroma
+    # and LanceDB cannot ask, and their default chunks overflow small windows. gRPC
+    # refuses, as OpenAI and vLLM do: its callers are services that can ask.
+    http_truncate: str = _opt(
+        "end", "HTTP face: what an input over the window gets when the request does not say"
+    )
+    grpc_truncate: str = _opt(
+        "refuse", "gRPC face: what an input over the window gets when the request does not say"
+    )
+
+    # Slow or idle HTTP clients: each bound closes what would otherwise hold a connection
+    # (and a file descriptor) for as long as the client trickles.
+    http_header_timeout_s: float = _opt(
+        10.0, "HTTP: close a connection whose request headers take longer than this"
+    )
+    http_body_timeout_s: float = _opt(
+        60.0, "HTTP: answer 408 to a request whose body takes longer than this to arrive"
+    )
+    http_max_connections: int = _opt(
+        2048, "HTTP: open connections at most; more are closed at once (0: no limit)"
     )
 
     # Request limits
@@ -157,6 +204,10 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1 or self.max_batch_items < 1:
             raise ValueError("max_batch_tokens and max_batch_items must be positive")
+        if self.rerank_max_batch_tokens < 1 or self.rerank_max_batch_items < 1:
+            raise ValueError("rerank_max_batch_tokens and rerank_max_batch_items must be positive")
+        if not self.model:
+            raise ValueError("model is required (the embedding model)")
         if self.max_queue_tokens < self.max_batch_tokens:
             raise ValueError("max_queue_tokens must be at least max_batch_tokens")
         if not 0 < self.bulk_queue_share <= 1:
@@ -171,6 +222,13 @@ class ServiceConfig:
             raise ValueError("vector_cache_mb must be >= 0")
         if self.stream_max_inflight < 1 or self.streams_max_inflight < 0:
             raise ValueError("stream_max_inflight must be >= 1, streams_max_inflight >= 0")
+        for name in ("http_truncate", "grpc_truncate"):
+            if getattr(self, name) not in ("refuse", "end", "start"):
+                raise ValueError(f"{name} must be refuse, end or start")
+        if min(self.http_header_timeout_s, self.http_body_timeout_s) <= 0:
+            raise ValueError("http_header_timeout_s and http_body_timeout_s must be positive")
+        if self.http_max_connections < 0:
+            raise ValueError("http_max_connections must be >= 0")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class InvalidInputError(ValueError):
     """A request field is wrong. `field` is a path such as "inputs[3]" or "options.dimensions".
@@ -40,10 +42,11 @@ class InputTooLongError(InvalidInputError):
 class UnknownModelError(LookupError):
     """The caller named a model this server does not serve."""
 
-    def __init__(self, asked: str, served: str) -> None:
-        super().__init__(f"model {asked!r} does not exist here; this server serves {served!r}")
+    def __init__(self, asked: str, served: Sequence[str]) -> None:
+        names = ", ".join(repr(n) for n in served)
+        super().__init__(f"model {asked!r} does not exist here; this server serves {names}")
         self.asked = asked
-        self.served = served
+        self.served = tuple(served)
 
 
 class NotReadyError(RuntimeError):

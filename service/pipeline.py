@@ -51,6 +51,9 @@ class EmbedSpec:
     encoding: postprocess.Encoding
     chunking: ChunkSpec | None = None
     views: tuple[View, ...] = ()
+    # Tokens an input may keep, special tokens included, when smaller than the model's
+    # window (Cohere's max_tokens_per_doc); 0: the window. Past it, `truncation` applies.
+    max_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class SimilarityOutcome:
     scores: postprocess.FloatMatrix  # (queries, documents) cosines
     prompt_tokens: int
     timing: Timing  # of the queries' embedding
+    documents_truncated: list[bool]  # per document: cut to fit
 
 
 class DeadlineTooShortError(Exception):
@@ -148,7 +152,7 @@ class StageObserver(Protocol):
         ...
 
 
-class _NoStages:
+class NoStages:
     def stage(self, name: str) -> AbstractContextManager[object]:
         return contextlib.nullcontext()
 
@@ -173,7 +177,7 @@ class Embedder:
         self._tokenizer = tokenizer
         self._batcher = batcher
         self._max_request_tokens = max_request_tokens
-        self._stages: StageObserver = stages or _NoStages()
+        self._stages: StageObserver = stages or NoStages()
 
     async def embed(
         self, texts: Inputs, spec: EmbedSpec, field: str, deadline: float | None
@@ -198,7 +202,7 @@ class Embedder:
         futures = self._batcher.submit(
             [t.ids for t in units], Priority.INTERACTIVE, deadline, stages.caller()
         )
-        results = await _gather(futures)
+        results = await gather_items(futures)
         stages.batched(submitted_ns, results)
         with stages.stage("postprocess"):
             return _assemble(prepared, results, spec, tokenized - started)
@@ -210,15 +214,27 @@ class Embedder:
         spec: EmbedSpec,
         deadline: float | None,
         fields: tuple[str, str] = ("queries", "documents"),
+        *,
+        documents_spec: EmbedSpec | None = None,
     ) -> SimilarityOutcome:
-        """Cosine scores: the queries laid out as `spec` says, the documents as they are."""
-        doc_spec = replace(spec, prefix="", normalize=True)
-        q, d = await asyncio.gather(
-            self.embed(queries, spec, fields[0], deadline),
-            self.embed(documents, doc_spec, fields[1], deadline),
+        """Cosine scores: the queries laid out as `spec` says, the documents as they are
+        (or as `documents_spec` says: rerank cuts long documents, never the query)."""
+        doc_spec = replace(documents_spec or spec, prefix="", normalize=True)
+        sides = (
+            asyncio.ensure_future(self.embed(queries, spec, fields[0], deadline)),
+            asyncio.ensure_future(self.embed(documents, doc_spec, fields[1], deadline)),
         )
+        try:
+            q, d = await asyncio.gather(*sides)
+        except BaseException:
+            for side in sides:  # a refused side takes the other's queued work with it
+                side.cancel()
+            raise
         return SimilarityOutcome(
-            postprocess.cosine(q.vectors, d.vectors), q.prompt_tokens + d.prompt_tokens, q.timing
+            postprocess.cosine(q.vectors, d.vectors),
+            q.prompt_tokens + d.prompt_tokens,
+            q.timing,
+            [t.truncated for t in d.inputs],
         )
 
     async def embed_bulk(
@@ -284,7 +300,7 @@ class Embedder:
                 spec,
                 tokenize_s,
             )
-            rows = {i: joined.row(k, _timing(tokenize_s, results[i])) for k, i in enumerate(good)}
+            rows = {i: joined.row(k, timing_of(tokenize_s, results[i])) for k, i in enumerate(good)}
         return [failed[i] if i in failed else rows[i] for i in range(len(prepared))]
 
     async def _prepare(
@@ -297,7 +313,9 @@ class Embedder:
         if spec.chunking is not None:
             return list(await tokenizer.chunk_each(texts, spec.prefix, spec.chunking))
         return list(
-            await tokenizer.tokenize_each(texts, spec.prefix, spec.truncation, field, indexed)
+            await tokenizer.tokenize_each(
+                texts, spec.prefix, spec.truncation, field, indexed, limit=spec.max_tokens
+            )
         )
 
     async def tokenize(self, texts: Sequence[str], spec: EmbedSpec, field: str) -> list[TokenSpans]:
@@ -305,20 +323,32 @@ class Embedder:
         return await self._tokenizer.spans(texts, spec.prefix, spec.truncation, field)
 
     def _check_deadline(self, deadline: float | None) -> None:
-        # Refusing now is kinder than queueing work that will be thrown away: the caller can
-        # retry elsewhere while its deadline still means something.
-        if deadline is None:
-            return
-        remaining = deadline - time.monotonic()
-        expected = self._batcher.estimated_wait_s(Priority.INTERACTIVE)
-        if remaining < expected:
-            raise DeadlineTooShortError(
-                f"deadline of {max(remaining, 0) * 1000:.0f}ms is shorter than the expected "
-                f"wait of {expected * 1000:.0f}ms"
-            )
+        check_deadline(self._batcher, deadline)
 
 
-async def _gather(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:
+class _Waits(Protocol):
+    def estimated_wait_s(self, priority: Priority) -> float: ...
+
+
+def check_deadline(batcher: _Waits, deadline: float | None) -> None:
+    """Refuse an interactive call whose deadline ends before the queue could serve it.
+
+    Refusing now is kinder than queueing work that will be thrown away: the caller can
+    retry elsewhere while its deadline still means something.
+    """
+    if deadline is None:
+        return
+    remaining = deadline - time.monotonic()
+    expected = batcher.estimated_wait_s(Priority.INTERACTIVE)
+    if remaining < expected:
+        raise DeadlineTooShortError(
+            f"deadline of {max(remaining, 0) * 1000:.0f}ms is shorter than the expected "
+            f"wait of {expected * 1000:.0f}ms"
+        )
+
+
+async def gather_items(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:
+    """The items' results; on failure or cancellation, siblings still queued are dropped."""
     try:
         return await asyncio.gather(*futures)
     finally:
@@ -342,7 +372,7 @@ def _units(item: Prepared) -> list[TokenizedInput]:
     return item.chunks if isinstance(item, ChunkedInput) else [item]
 
 
-def _timing(tokenize_s: float, results: Sequence[ItemResult]) -> Timing:
+def timing_of(tokenize_s: float, results: Sequence[ItemResult]) -> Timing:
     return Timing(
         tokenize_s=tokenize_s,
         queue_s=max(r.queue_s for r in results),
@@ -355,7 +385,7 @@ def _assemble(
     prepared: Sequence[Prepared], results: Sequence[ItemResult], spec: EmbedSpec, tokenize_s: float
 ) -> EmbedOutcome:
     """The inputs' outcome from the engine's results, one per unit in order."""
-    timing = _timing(tokenize_s, results)
+    timing = timing_of(tokenize_s, results)
     raw = np.array([r.vector for r in results])  # np.stack costs 5x more on one row
     vectors = postprocess.shape(raw, spec.dimensions, spec.normalize)
     if spec.chunking is None:

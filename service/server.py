@@ -5,18 +5,22 @@ a drain on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import multiprocessing
 import os
 import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from embedding.v1 import embedding_pb2 as pb
 from service import version
@@ -26,15 +30,17 @@ from service.api.grpc.stream_budget import StreamBudget
 from service.api.http.app import HttpApi
 from service.api.http.server import HttpServer, TlsFiles
 from service.api.keys import ApiKeys, load_keys
-from service.api.runtime import Gate, Runtime, ServerLimits
+from service.api.runtime import Gate, Runtime, Scorer, ServerLimits
 from service.api.validation import RequestLimits, RequestOptions, RequestValidator
 from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
-from service.engines.base import Engine, EngineUnavailableError
+from service.engines.base import Engine, EngineConfigError, EngineUnavailableError
 from service.errors import ModelLoadError
 from service.memory import HeapTrimmer
 from service.model_card import load_model_card, resolve_model_path
+from service.pair_tokenization import PairTokenizer, detect_pair_format
 from service.pipeline import Embedder
+from service.scoring import Reranker
 from service.telemetry import Telemetry
 from service.tokenization import TextTokenizer
 from service.vector_cache import CachingBatcher, VectorCache
@@ -50,6 +56,10 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 LIVENESS_SERVICE = "liveness"
 
 EngineFactory = Callable[[ServiceConfig, Path, str], Engine]
+T = TypeVar("T")
+# grpc.reflection.v1 is v1alpha under a new package name, with the same messages; tools
+# that speak only v1 (newer grpcurl, Postman) ask for it.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
 # vLLM's start-up chatter: some 60 lines of notes and library warnings from this process
@@ -115,11 +125,60 @@ def load_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
     return load_vllm_engine(config, model_path, name)
 
 
-def served_name(config: ServiceConfig) -> str:
-    if config.served_model_name:
-        return config.served_model_name
-    local = Path(config.model).expanduser()
-    return local.name if local.is_dir() else config.model
+def served_names(config: ServiceConfig) -> tuple[str, ...]:
+    """Every name clients may ask for the embedding model by; the first is the one reported."""
+    return model_names(config.model, config.served_model_name)
+
+
+def model_names(model: str, given: str) -> tuple[str, ...]:
+    """The comma-separated `given` names, or by default: a local folder by its last part,
+    and a Hub id by itself and by its last part (`all-MiniLM-L6-v2`), which is still the same
+    model, so a name never reaches a different one."""
+    listed = tuple(dict.fromkeys(n.strip() for n in given.split(",")))
+    if any(listed):
+        return tuple(n for n in listed if n)
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return (local.name,)
+    short = model.rsplit("/", 1)[-1]
+    return (model, short) if short != model else (model,)
+
+
+def load_vllm_scorer(config: ServiceConfig, model_path: Path, name: str) -> Engine:
+    """The rerank model's engine: a cross-encoder giving one logit per pair."""
+    quiet = _quiet_vllm(config)
+    from service.engines.vllm_engine import VllmEngine, VllmSettings
+
+    return VllmEngine.load(
+        VllmSettings(
+            model_path=model_path,
+            served_name=name,
+            dtype=config.dtype,
+            max_model_len=config.rerank_max_model_len,
+            gpu_memory_utilization=config.rerank_gpu_memory_utilization,
+            max_num_batched_tokens=max(config.rerank_max_batch_tokens, config.rerank_max_model_len),
+            max_num_seqs=config.rerank_max_batch_items,
+            enforce_eager=config.enforce_eager,
+            prefix_caching=config.prefix_caching,
+            progress_bars=not quiet,
+            kind="score",
+        )
+    )
+
+
+def load_scorer(config: ServiceConfig, model_path: Path, name: str) -> Engine:
+    if config.engine == "null":
+        raise ModelLoadError("the null engine has no rerank mode; leave --rerank-model unset")
+    return load_vllm_scorer(config, model_path, name)
+
+
+@dataclass
+class ScoringParts:
+    """The rerank model's own engine, pair tokenizer and batcher."""
+
+    engine: Engine
+    pairs: PairTokenizer
+    batcher: Batcher
 
 
 @dataclass
@@ -129,35 +188,118 @@ class Components:
     batcher: Batcher
     runtime: Runtime
     cache: VectorCache | None = None
+    scoring: ScoringParts | None = None
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [self.engine, *([self.scoring.engine] if self.scoring else [])]
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [self.batcher, *([self.scoring.batcher] if self.scoring else [])]
+
+    def alive(self) -> bool:
+        """Serving only while every configured engine is."""
+        return all(e.alive for e in self.engines)
 
     async def close(self) -> None:
-        await self.batcher.close()
+        for batcher in self.batchers:
+            await batcher.close()
         self.tokenizer.close()
-        await self.engine.close()
+        if self.scoring is not None:
+            self.scoring.pairs.close()
+        for engine in self.engines:
+            await engine.close()
 
 
-def request_tokens_limit(config: ServiceConfig, budget: int) -> int:
+def request_tokens_limit(config: ServiceConfig, queue_tokens: int) -> int:
     """A request larger than the whole queue could never be admitted."""
-    return min(config.max_request_tokens, max(config.max_queue_tokens, budget))
+    return min(config.max_request_tokens, queue_tokens)
+
+
+def _batcher_limits(
+    config: ServiceConfig, batch_tokens: int, batch_items: int, window: int
+) -> BatcherLimits:
+    """One model's batcher: its own batch budgets, the shared queue bounds, and room in the
+    queue for one whole window."""
+    return BatcherLimits(
+        max_batch_tokens=batch_tokens,
+        max_batch_items=batch_items,
+        max_wait_s=config.max_wait_ms / 1000,
+        max_queue_tokens=max(config.max_queue_tokens, window),
+        max_queue_items=config.max_queue_items,
+        bulk_queue_share=config.bulk_queue_share,
+        max_inflight_batches=config.max_inflight_batches,
+        interactive_step_s=config.interactive_step_ms / 1000,
+        max_item_tokens=window,
+    )
+
+
+async def _load(factory: EngineFactory, config: ServiceConfig, path: Path, name: str) -> Engine:
+    """The engine, loaded off the event loop (health keeps answering meanwhile); a refusal
+    of its settings or a failed load becomes one line naming the model and the cause."""
+    try:
+        return await in_daemon_thread(factory, config, path, name)
+    except (EngineConfigError, ModelLoadError) as exc:
+        raise ModelLoadError(f"{name}: the engine refused its settings: {exc}") from exc
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Engine core initialization failed" in cause:
+            cause += (
+                " (the engine's own error is logged above; if it is about memory, raise"
+                " the --*gpu-memory-utilization flag or lower the --*max-model-len flag)"
+            )
+        raise ModelLoadError(f"model {str(path)!r} could not be loaded: {cause}") from exc
+
+
+async def build_scoring(
+    config: ServiceConfig,
+    factory: EngineFactory,
+    telemetry: Telemetry,
+) -> tuple[ScoringParts, Scorer]:
+    """The rerank model beside the embedding model: engine, pair tokenizer, batcher."""
+    path = resolve_model_path(config.rerank_model)
+    names = model_names(config.rerank_model, config.rerank_served_model_name)
+    engine = await _load(factory, config, path, names[0])
+    info = dataclasses.replace(engine.info, model_name=names[0])
+    window = info.max_input_tokens
+    pairs = PairTokenizer(
+        path / "tokenizer.json",
+        window,
+        detect_pair_format(path),
+        config.tokenizer_threads,
+        config.tokenize_inline_chars,
+    )
+    batcher = Batcher(
+        engine,
+        _batcher_limits(
+            config, config.rerank_max_batch_tokens, config.rerank_max_batch_items, window
+        ),
+    )
+    await batcher.start()
+    limit = request_tokens_limit(config, max(config.max_queue_tokens, window))
+    reranker = Reranker(pairs, batcher, limit, telemetry.stages)
+    return ScoringParts(engine, pairs, batcher), Scorer(reranker, info, names)
 
 
 async def build_components(
-    config: ServiceConfig, engine_factory: EngineFactory, telemetry: Telemetry | None = None
+    config: ServiceConfig,
+    engine_factory: EngineFactory,
+    telemetry: Telemetry | None = None,
+    scorer_factory: EngineFactory | None = None,
 ) -> Components:
     telemetry = telemetry or Telemetry.disabled()
     path = resolve_model_path(config.model)
-    name = served_name(config)
+    names = served_names(config)
+    name = names[0]
     card = load_model_card(path, name, config.instruction_template)
-    # Loading takes from seconds (CPU, small model) to minutes; the event loop keeps
-    # answering health checks meanwhile.
-    try:
-        engine = await asyncio.to_thread(engine_factory, config, path, name)
-    except Exception as exc:
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"model {config.model!r} could not be loaded: {cause}") from exc
-    info = engine.info
-    # A single input may be as long as the model allows, so the budget is at least that.
-    budget = max(config.max_batch_tokens, info.max_input_tokens)
+    engine = await _load(engine_factory, config, path, name)
+    # Answers report the served name, whatever the engine calls its model.
+    info = dataclasses.replace(engine.info, model_name=name)
+    window = info.max_input_tokens
+    # The queue must hold one whole window; the batch budget need not (a longer input runs
+    # as a batch of its own, and the engine's step budget holds the window).
+    queue_tokens = max(config.max_queue_tokens, window)
     tokenizer = TextTokenizer(
         path / "tokenizer.json",
         info.max_input_tokens,
@@ -166,16 +308,7 @@ async def build_components(
     )
     batcher = Batcher(
         engine,
-        BatcherLimits(
-            max_batch_tokens=budget,
-            max_batch_items=config.max_batch_items,
-            max_wait_s=config.max_wait_ms / 1000,
-            max_queue_tokens=max(config.max_queue_tokens, budget),
-            max_queue_items=config.max_queue_items,
-            bulk_queue_share=config.bulk_queue_share,
-            max_inflight_batches=config.max_inflight_batches,
-            interactive_step_s=config.interactive_step_ms / 1000,
-        ),
+        _batcher_limits(config, config.max_batch_tokens, config.max_batch_items, window),
         observer=telemetry.batch_observer,
     )
     cache = VectorCache(config.vector_cache_mb * 2**20) if config.vector_cache_mb else None
@@ -194,12 +327,12 @@ async def build_components(
     limits = ServerLimits(
         max_inputs_per_request=config.max_inputs_per_request,
         max_input_chars=config.max_input_chars,
-        max_batch_tokens=budget,
+        max_batch_tokens=config.max_batch_tokens,
         max_batch_items=config.max_batch_items,
-        max_queue_tokens=config.max_queue_tokens,
+        max_queue_tokens=queue_tokens,
         max_queue_items=config.max_queue_items,
         max_request_bytes=config.max_request_bytes,
-        max_request_tokens=request_tokens_limit(config, budget),
+        max_request_tokens=request_tokens_limit(config, queue_tokens),
         min_dimensions=min(config.min_dimensions, info.dimension),
     )
     runtime = Runtime(
@@ -213,14 +346,62 @@ async def build_components(
         card=card,
         info=info,
         limits=limits,
+        model_names=names,
     )
-    return Components(engine, tokenizer, batcher, runtime, cache)
+    if not config.rerank_model:
+        return Components(engine, tokenizer, batcher, runtime, cache)
+    scoring, scorer = await build_scoring(config, scorer_factory or load_scorer, telemetry)
+    runtime = dataclasses.replace(runtime, scorer=scorer)
+    return Components(engine, tokenizer, batcher, runtime, cache, scoring)
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
+    """`fn(*args)` on a daemon thread of its own.
+
+    asyncio.to_thread would use the default executor, whose threads the interpreter joins
+    at exit: a SIGTERM during a model load would then wait for the load to finish.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        if not future.done():
+            outcome()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            failure = exc
+            loop.call_soon_threadsafe(settle, lambda: future.set_exception(failure))
+        else:
+            loop.call_soon_threadsafe(settle, lambda: future.set_result(result))
+
+    threading.Thread(target=run, name="engine-load", daemon=True).start()
+    return await future
+
+
+def end_engine_processes() -> None:
+    """End the engine processes a load in progress started (a SIGTERM during loading):
+    the load itself cannot be cancelled, and without them it fails at once."""
+    for child in multiprocessing.active_children():
+        child.terminate()
 
 
 async def warm_up(runtime: Runtime) -> None:
-    """One real call through the whole path, so the first caller pays no start-up cost."""
+    """One real call through each path, so the first caller pays no start-up cost."""
     spec = runtime.validator.options(RequestOptions())
     await runtime.embedder.embed(["warm up"], spec, "inputs", deadline=None)
+    if runtime.scorer is not None:
+        await runtime.scorer.reranker.score(
+            "warm up",
+            ["warm up"],
+            instruction="",
+            max_tokens_per_doc=0,
+            refuse_long_documents=False,
+            field="documents",
+            deadline=None,
+        )
 
 
 def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
@@ -245,6 +426,23 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
         ("grpc.http2.bdp_probe", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ]
+
+
+def _enable_reflection(server: grpc.aio.Server) -> None:
+    """Reflection under both names, v1alpha and v1, from one servicer."""
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
+    )
 
 
 def _server_credentials(config: ServiceConfig) -> grpc.ServerCredentials | None:
@@ -274,9 +472,11 @@ class EmbeddingServer:
         config: ServiceConfig,
         engine_factory: EngineFactory = load_engine,
         telemetry: Telemetry | None = None,
+        scorer_factory: EngineFactory = load_scorer,
     ):
         self.config = config
         self._engine_factory = engine_factory
+        self._scorer_factory = scorer_factory
         self.telemetry = telemetry or Telemetry.from_config(config)
         # Both faces ask the gate before each call, so they agree on whether we serve.
         self.gate = Gate()
@@ -291,13 +491,13 @@ class EmbeddingServer:
         )
         self.heap = HeapTrimmer()
         streams = StreamBudget(config.streams_total, config.stream_max_inflight, self.heap.request)
-        self.servicer = EmbeddingServicer(self.gate, streams, config.timing_metadata)
+        self.servicer = EmbeddingServicer(
+            self.gate, streams, config.timing_metadata, config.grpc_truncate
+        )
         self.health = health.aio.HealthServicer()
         add_servicer(self.servicer, self.grpc, hooks[0].wrap if hooks and not auth else None)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-        )
+        _enable_reflection(self.grpc)
         address = f"{config.host}:{config.port}"
         credentials = _server_credentials(config)
         try:
@@ -323,6 +523,8 @@ class EmbeddingServer:
             max_request_bytes=config.max_request_bytes,
             timing_headers=config.timing_metadata,
             version=version(),
+            default_truncate=config.http_truncate,
+            body_timeout_s=config.http_body_timeout_s,
         )
         self.http: HttpServer | None = None
         if config.http_port:
@@ -332,7 +534,15 @@ class EmbeddingServer:
                 else None
             )
             app = self.telemetry.http_app(self.http_api.app(), HttpApi.ROUTES)
-            self.http = HttpServer(app, config.host, config.http_port, tls)
+            self.http = HttpServer(
+                app,
+                config.host,
+                config.http_port,
+                tls,
+                header_timeout_s=config.http_header_timeout_s,
+                body_timeout_s=config.http_body_timeout_s,
+                max_connections=config.http_max_connections,
+            )
         self._components: Components | None = None
 
     @property
@@ -352,16 +562,20 @@ class EmbeddingServer:
         log.info("loading %s", self.config.model)
         # A misspelt engine argument fails here, before the model loads.
         await asyncio.to_thread(check_vllm_args, self.config)
-        self._components = await build_components(self.config, self._engine_factory, self.telemetry)
+        self._components = await build_components(
+            self.config, self._engine_factory, self.telemetry, self._scorer_factory
+        )
         await warm_up(self._components.runtime)
-        engine = self._components.engine
-        self.gate.open(self._components.runtime, lambda: engine.alive)
+        self.gate.open(self._components.runtime, self._components.alive)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s", self._ready_line(self._components.runtime.info.model_name))
+        log.info("%s", self._ready_line(self._components.runtime))
 
-    def _ready_line(self, model: str) -> str:
-        """Once ready, one line that names every endpoint."""
+    def _ready_line(self, rt: Runtime) -> str:
+        """Once ready, one line that names every model with its kind, and every endpoint."""
+        model = f"{rt.info.model_name} (embed)"
+        if rt.scorer is not None:
+            model += f" and {rt.scorer.name} (rerank)"
         host = self.config.host
         parts = [f"gRPC {host}:{self.port}"]
         if self.http is not None:
@@ -381,9 +595,9 @@ class EmbeddingServer:
             c = self._components
             if c is None:
                 continue
-            if not c.engine.alive:
-                return "the engine process died"
-            if c.batcher.oldest_inflight_age_s() > timeout:
+            if not c.alive():
+                return "an engine process died"
+            if max(b.oldest_inflight_age_s() for b in c.batchers) > timeout:
                 return f"an engine batch has run for over {timeout:.0f}s"
 
     async def fail(self, reason: str) -> None:
@@ -393,7 +607,8 @@ class EmbeddingServer:
         for name in (*HEALTH_SERVICES, LIVENESS_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._components is not None:
-            self._components.batcher.fail_all(EngineUnavailableError(reason))
+            for batcher in self._components.batchers:
+                batcher.fail_all(EngineUnavailableError(reason))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING at once, refuse new calls, let calls in flight finish.
@@ -436,6 +651,9 @@ async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engi
         failed_start = starting.exception()
         if failed_start is None:
             done, _ = await asyncio.wait({stopping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    if stopping in done and not starting.done():
+        log.info("stopping while the model loads")
+        end_engine_processes()
     for task in (starting, stopping, watching):
         task.cancel()
     await asyncio.gather(starting, stopping, watching, return_exceptions=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from service.chunking import Chunker, ChunkSpec, Span
 from service.errors import InputTooLongError, InvalidInputError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Truncation(enum.Enum):
@@ -144,13 +147,19 @@ class TextTokenizer:
         truncation: Truncation,
         field: str,
         indexed: bool = True,
+        *,
+        limit: int = 0,
     ) -> list[TokenizedInput | InvalidInputError]:
-        """Independent texts (stream items): each comes back tokenized or as its error."""
+        """Independent texts (stream items): each comes back tokenized or as its error.
+
+        `limit` caps an input's tokens below the window (special tokens included); 0: none.
+        """
         if sum(map(len, texts)) + len(prefix) * len(texts) <= self._inline_chars:
-            return self._each(texts, prefix, truncation, field, indexed)
+            return self._each(texts, prefix, truncation, field, indexed, limit=limit)
         loop = asyncio.get_running_loop()
+        each = functools.partial(self._each, limit=limit)
         return await loop.run_in_executor(
-            self._pool, self._each, texts, prefix, truncation, field, indexed
+            self._pool, each, texts, prefix, truncation, field, indexed
         )
 
     async def chunk_each(
@@ -182,9 +191,24 @@ class TextTokenizer:
         return all_or_raise(self._each(texts, prefix, truncation, field, indexed))
 
     def _each(
-        self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str, indexed: bool
+        self,
+        texts: Sequence[str],
+        prefix: str,
+        truncation: Truncation,
+        field: str,
+        indexed: bool,
+        *,
+        limit: int = 0,
     ) -> list[TokenizedInput | InvalidInputError]:
-        budget = self.max_tokens - self.special_count
+        limit = min(limit or self.max_tokens, self.max_tokens)
+        budget = limit - self.special_count
+        if budget < 1:
+            error = InvalidInputError(
+                field,
+                f"a limit of {limit} tokens leaves no room for text beside the model's "
+                f"{self.special_count} special tokens",
+            )
+            return [error] * len(texts)
         full = [prefix + t for t in texts] if prefix else list(texts)
         # encode_batch_fast skips offsets; they are only needed for the rare long input.
         encodings = self._tok.encode_batch_fast(full, add_special_tokens=False)
@@ -199,6 +223,14 @@ class TextTokenizer:
                 except InvalidInputError as exc:
                     out.append(exc)
                     continue
+                # Never silent to an operator: the metric counts it, this line names it.
+                log.debug(
+                    "%s: %d tokens cut to %d (truncate %s)",
+                    name,
+                    len(enc.ids) + self.special_count,
+                    limit,
+                    truncation.value,
+                )
             out.append(TokenizedInput(self._head + ids + self._tail, truncated))
         return out
 
@@ -286,7 +318,8 @@ class TextTokenizer:
     ) -> list[int]:
         enc: Encoding = self._tok.encode(text, add_special_tokens=False)
         if truncation is Truncation.REFUSE:
-            raise InputTooLongError(name, len(enc.ids) + self.special_count, self.max_tokens)
+            limit = budget + self.special_count
+            raise InputTooLongError(name, len(enc.ids) + self.special_count, limit)
         if truncation is Truncation.END:
             return enc.ids[:budget]
         # From the start: keep the instruction prefix and the end of the text.
@@ -295,7 +328,7 @@ class TextTokenizer:
             raise InvalidInputError(
                 name,
                 f"the instruction alone takes {n_prefix + self.special_count} tokens, "
-                f"leaving no room under the limit of {self.max_tokens}",
+                f"leaving no room under the limit of {budget + self.special_count}",
             )
         return enc.ids[:n_prefix] + enc.ids[len(enc.ids) - (budget - n_prefix) :]
 

@@ -31,6 +31,8 @@ class FakeEngine:
         self.cancelled = 0
         self.dead = False
         self.hang = False
+        # When set, batches wait until it is set: a test decides when the engine may answer.
+        self.gate: asyncio.Event | None = None
 
     @property
     def info(self) -> EngineInfo:
@@ -49,6 +51,8 @@ class FakeEngine:
         try:
             if self.hang:
                 await asyncio.Event().wait()
+            if self.gate is not None:
+                await self.gate.wait()
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
         except asyncio.CancelledError:

@@ -24,7 +24,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
+def health_status(address: str, service: str = "", timeout: float = 30.0) -> int:
+    """One Health/Check. The deadline only bounds a hang: a server that is not listening
+    answers UNAVAILABLE at once, and a busy machine must not turn an answer into an error."""
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
@@ -59,8 +61,10 @@ class ServerProcess:
 
 
 def start_server(
-    args: Sequence[str], log_path: Path, env: dict[str, str] | None = None, wait_s: float = 300
+    args: Sequence[str], log_path: Path, env: dict[str, str] | None = None, wait_s: float = 600
 ) -> ServerProcess:
+    """Starts the service and polls health until SERVING. `wait_s` bounds the poll (a server
+    that never comes up), not the start-up: an engine start on two busy cores takes minutes."""
     port, http_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "service", "--port", str(port), "--http-port", str(http_port)]
     cmd += args

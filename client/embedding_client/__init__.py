@@ -6,6 +6,8 @@ from embedding_client.codec import Options, decode, decode_all, decode_view, dec
 from embedding_client.results import (
     ChunkResult,
     EmbedResult,
+    Ranked,
+    RerankResult,
     SimilarityResult,
     StreamResult,
     TokenizedResult,
@@ -28,6 +30,8 @@ __all__ = [
     "EmbedResult",
     "EmbeddingClient",
     "Options",
+    "Ranked",
+    "RerankResult",
     "SimilarityResult",
     "StreamResult",
     "TokenizedResult",

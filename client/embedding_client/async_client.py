@@ -13,16 +13,24 @@ import grpc.aio
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import splitting
+from embedding_client.auth import auth_metadata
 from embedding_client.channel import channel_options
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
     embed_request,
+    rerank_slices,
     similarity_request,
     stream_requests,
     tokenize_request,
 )
-from embedding_client.results import EmbedResult, SimilarityResult, StreamResult, TokenizedResult
+from embedding_client.results import (
+    EmbedResult,
+    RerankResult,
+    SimilarityResult,
+    StreamResult,
+    TokenizedResult,
+)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -30,13 +38,16 @@ R = TypeVar("R")
 
 
 class AsyncEmbeddingClient:
-    """Async client; same methods as EmbeddingClient, as coroutines."""
+    """Async client; same methods as EmbeddingClient, as coroutines, and the same
+    constructor: `api_key` (else $EMBED_API_KEY; "" for none) goes as
+    `authorization: Bearer <key>` on every call, streams included."""
 
     def __init__(
         self,
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
@@ -44,6 +55,7 @@ class AsyncEmbeddingClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        sent = auth_metadata(metadata, api_key)  # before opening the channel: may raise
         opts = channel_options(service_config)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
@@ -51,7 +63,7 @@ class AsyncEmbeddingClient:
             else grpc.aio.insecure_channel(target, options=opts)
         )
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._metadata = tuple(metadata)
+        self._metadata = sent  # with every call, streams included
         self._timeout = timeout
         self._max_concurrency = max_concurrency
         self._info: pb.GetModelInfoResponse | None = None
@@ -120,6 +132,35 @@ class AsyncEmbeddingClient:
         req = similarity_request(queries, documents, Options(**options), top_k)
         resp = await self._stub.Similarity(req, timeout=self._timeout, metadata=self._metadata)
         return SimilarityResult.from_proto(resp)
+
+    async def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_k: int = 0,
+        return_documents: bool = False,
+        instruction: str = "",
+        max_tokens_per_doc: int = 0,
+        model: str = "",
+    ) -> RerankResult:
+        """Documents scored for `query` by the server's rerank model (or its embedding
+        model's cosine when it runs none); every document in document order, or the top_k
+        best. More documents than the server takes in one call are split into sub-calls."""
+        info = await self._limits() if len(documents) >= splitting.SMALL_CALL_INPUTS else None
+        parts = []
+        for part in rerank_slices(len(documents), info):
+            request = pb.RerankRequest(
+                query=query,
+                documents=documents[part.start : part.stop],
+                return_documents=return_documents,
+                instruction=instruction,
+                max_tokens_per_doc=max_tokens_per_doc,
+                model=model,
+            )
+            reply = await self._stub.Rerank(request, timeout=self._timeout, metadata=self._metadata)
+            parts.append((part.start, reply))
+        return RerankResult.merge(parts, top_k)
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         return await self._stub.GetModelInfo(

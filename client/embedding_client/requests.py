@@ -52,3 +52,10 @@ def similarity_request(
 
 def tokenize_request(inputs: Sequence[str], options: Options) -> pb.TokenizeRequest:
     return pb.TokenizeRequest(inputs=list(inputs), options=options.to_proto())
+
+
+def rerank_slices(n_documents: int, info: pb.GetModelInfoResponse | None) -> list[range]:
+    """Document ranges of the sub-calls of one rerank: the query and the documents of each
+    must fit in the server's max_inputs_per_request."""
+    per_call = max(1, (info.limits.max_inputs_per_request - 1) if info else n_documents)
+    return [range(i, min(i + per_call, n_documents)) for i in range(0, n_documents, per_call)]

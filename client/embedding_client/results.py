@@ -179,6 +179,56 @@ class SimilarityResult:
 
 
 @dataclass(frozen=True)
+class Ranked:
+    """One document's rerank score: `relevance` in [0, 1], `raw` the logit or the cosine."""
+
+    index: int
+    relevance: float
+    raw: float
+    truncated: bool
+    document: str = ""  # with return_documents
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    """A Rerank call, or the sub-calls of a split one, as one answer.
+
+    `results` is every document in document order, or the top_k best, best first.
+    `score_kind` is "cross-encoder" (a probability) or "cosine" ((1 + cosine) / 2).
+    """
+
+    results: list[Ranked]
+    model: str
+    score_kind: str
+    prompt_tokens: int
+
+    @property
+    def scores(self) -> npt.NDArray[np.float32]:
+        """The relevance scores, in the order of `results`."""
+        return np.array([r.relevance for r in self.results], dtype=np.float32)
+
+    @classmethod
+    def merge(cls, parts: Sequence[tuple[int, pb.RerankResponse]], top_k: int) -> RerankResult:
+        """Sub-calls' answers (each with its first document's index), every document in
+        document order; the top k are picked here, since each pair's score stands alone."""
+        ranked = [
+            Ranked(start + r.index, r.relevance_score, r.raw_score, r.truncated, r.document)
+            for start, resp in parts
+            for r in resp.results
+        ]
+        if top_k:
+            ranked = sorted(ranked, key=lambda r: -r.relevance)[:top_k]
+        first = parts[0][1]
+        kind = pb.ScoreKind.Name(first.score_kind).removeprefix("SCORE_KIND_")
+        return cls(
+            ranked,
+            first.model,
+            kind.lower().replace("_", "-"),
+            sum(resp.usage.prompt_tokens for _, resp in parts),
+        )
+
+
+@dataclass(frozen=True)
 class TokenizedResult:
     """What Embed would send the engine for one input.
 

@@ -13,16 +13,24 @@ import grpc
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import splitting
+from embedding_client.auth import auth_metadata
 from embedding_client.channel import channel_options
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
     embed_request,
+    rerank_slices,
     similarity_request,
     stream_requests,
     tokenize_request,
 )
-from embedding_client.results import EmbedResult, SimilarityResult, StreamResult, TokenizedResult
+from embedding_client.results import (
+    EmbedResult,
+    RerankResult,
+    SimilarityResult,
+    StreamResult,
+    TokenizedResult,
+)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -37,6 +45,12 @@ class EmbeddingClient:
 
     `embed` and `tokenize` split a call over the server's limits into sub-calls, at most
     `max_concurrency` in flight; `timeout` applies to each RPC.
+
+    `api_key`, for a server started with --api-keys, goes as `authorization: Bearer <key>`
+    on every call, streams included. When it is None the key comes from $EMBED_API_KEY (the
+    variable embed-files reads too), if set; pass "" to send none whatever the environment
+    says. A key already in `metadata` (authorization or x-api-key) beats the variable. A
+    missing or refused key fails each call with grpc.StatusCode.UNAUTHENTICATED.
     """
 
     def __init__(
@@ -44,6 +58,7 @@ class EmbeddingClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
@@ -51,6 +66,7 @@ class EmbeddingClient:
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        sent = auth_metadata(metadata, api_key)  # before opening the channel: may raise
         opts = channel_options(service_config)
         self._channel = (
             grpc.secure_channel(target, credentials, options=opts)
@@ -58,7 +74,7 @@ class EmbeddingClient:
             else grpc.insecure_channel(target, options=opts)
         )
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._metadata = tuple(metadata)
+        self._metadata = sent  # with every call, streams included
         self._timeout = timeout
         self._max_concurrency = max_concurrency
         self._info: pb.GetModelInfoResponse | None = None
@@ -126,6 +142,35 @@ class EmbeddingClient:
         req = similarity_request(queries, documents, Options(**options), top_k)
         resp = self._stub.Similarity(req, timeout=self._timeout, metadata=self._metadata)
         return SimilarityResult.from_proto(resp)
+
+    def rerank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        top_k: int = 0,
+        return_documents: bool = False,
+        instruction: str = "",
+        max_tokens_per_doc: int = 0,
+        model: str = "",
+    ) -> RerankResult:
+        """Documents scored for `query` by the server's rerank model (or its embedding
+        model's cosine when it runs none); every document in document order, or the top_k
+        best. More documents than the server takes in one call are split into sub-calls."""
+        info = self._limits() if len(documents) >= splitting.SMALL_CALL_INPUTS else None
+        parts = []
+        for part in rerank_slices(len(documents), info):
+            request = pb.RerankRequest(
+                query=query,
+                documents=documents[part.start : part.stop],
+                return_documents=return_documents,
+                instruction=instruction,
+                max_tokens_per_doc=max_tokens_per_doc,
+                model=model,
+            )
+            reply = self._stub.Rerank(request, timeout=self._timeout, metadata=self._metadata)
+            parts.append((part.start, reply))
+        return RerankResult.merge(parts, top_k)
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._stub.GetModelInfo(

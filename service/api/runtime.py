@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from service.api.validation import RequestValidator
 from service.engines.base import EngineInfo
-from service.errors import NotReadyError
+from service.errors import InvalidInputError, NotReadyError, UnknownModelError
 from service.model_card import ModelCard
 from service.pipeline import Embedder
+from service.scoring import Reranker
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ class ServerLimits:
 
 
 @dataclass(frozen=True)
+class Scorer:
+    """A rerank model: a cross-encoder behind its own engine, batcher and queues."""
+
+    reranker: Reranker
+    info: EngineInfo
+    names: tuple[str, ...]  # the first is the one reported
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
 class Runtime:
     """Everything a call needs once the engine is loaded."""
 
@@ -42,6 +56,30 @@ class Runtime:
     card: ModelCard
     info: EngineInfo
     limits: ServerLimits
+    # Every name a client may ask for; the first is the one reported. Never empty once built.
+    model_names: tuple[str, ...] = ()
+    scorer: Scorer | None = None  # the rerank model, when one is served
+
+    def scorer_for(self, asked: str | None) -> Scorer | None:
+        """The rerank model a rerank call names (or the one served, when it names none);
+        None for the embedding model, which ranks by cosine."""
+        scorer = self.scorer
+        if scorer is not None and (asked is None or asked in scorer.names):
+            return scorer
+        self.check_model(asked)
+        return None
+
+    def check_model(self, asked: str | None) -> None:
+        """A request naming a model must name this one: never serve another silently."""
+        names = self.model_names or (self.info.model_name,)
+        if asked is None or asked in names:
+            return
+        if self.scorer is not None and asked in self.scorer.names:
+            raise InvalidInputError(
+                "model", f"{asked!r} is the rerank model; this task needs {names[0]!r}"
+            )
+        others = self.scorer.names if self.scorer is not None else ()
+        raise UnknownModelError(asked, (*names, *others))
 
 
 class Gate:

@@ -329,7 +329,8 @@ class Batcher:
             while (item := queues.head(priority, now)) is not None:
                 if len(batch) >= self._limits.max_batch_items:
                     return batch
-                # The first item always fits: submit refuses items over max_batch_tokens.
+                # The first item always goes, alone if it is over the budget: submit
+                # refuses only items the engine could never run (over max_item_tokens).
                 if batch and tokens + item.n_tokens > budget:
                     return batch
                 batch.append(queues.take(priority, now))

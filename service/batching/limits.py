@@ -36,11 +36,21 @@ class BatcherLimits:
     # an INTERACTIVE item arriving at any moment waits for at most about two of them (the
     # one running and the one queued in the engine). 0: full-size BULK batches.
     interactive_step_s: float = 0.0
+    # The longest item admitted (the model's window); 0: max_batch_tokens. An item longer
+    # than max_batch_tokens runs as a batch of its own: the budget sizes batches, it does
+    # not cap inputs.
+    max_item_tokens: int = 0
+
+    @property
+    def item_tokens(self) -> int:
+        return max(self.max_item_tokens, self.max_batch_tokens)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_tokens", "max_batch_items", "max_queue_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.max_queue_tokens < self.item_tokens:
+            raise ValueError("max_queue_tokens must hold the longest item (max_item_tokens)")
         if self.max_queue_items < 1 or self.max_inflight_batches < 1:
             raise ValueError("max_queue_items and max_inflight_batches must be >= 1")
         if self.max_wait_s < 0 or self.interactive_step_s < 0:

@@ -317,11 +317,9 @@ class Queues:
         n = len(token_ids)
         if n == 0:
             raise ValueError("an item must have at least one token")
-        if n > self._limits.max_batch_tokens:
-            # Such an item could never be batched; it would block its queue forever.
-            raise ValueError(
-                f"item has {n} tokens > max_batch_tokens={self._limits.max_batch_tokens}"
-            )
+        if n > self._limits.item_tokens:
+            # The engine could never run it; it would block its queue forever.
+            raise ValueError(f"item has {n} tokens > max_item_tokens={self._limits.item_tokens}")
         return n
 
     def admit_all(

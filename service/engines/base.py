@@ -9,6 +9,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+# Model kinds: what an engine's rows are.
+EMBED = "embed"  # pooled vectors
+SCORE = "score"  # one raw cross-encoder logit per (query, document) pair
+MODEL_KINDS = (EMBED, SCORE)
+
 
 @dataclass(frozen=True)
 class EngineInfo:
@@ -19,14 +24,26 @@ class EngineInfo:
     max_input_tokens: int
     dtype: str
     pooling: str
+    # "embed": rows are pooled vectors; "score": rows are one raw cross-encoder logit each
+    # (dimension 1, no activation: the service applies the sigmoid).
+    kind: str = EMBED
 
 
 class EngineUnavailableError(RuntimeError):
     """The engine cannot serve (dead, shut down, or failed on a batch); a retry may work."""
 
 
+class EngineConfigError(ValueError):
+    """The engine refused its settings at start-up. The message is one line naming the
+    service flag to change and what it accepts."""
+
+
 class Engine(Protocol):
-    """Token ids in, raw pooled (not normalized) float32 vectors out, one row per sequence."""
+    """Token ids in, raw pooled (not normalized) float32 vectors out, one row per sequence.
+
+    A score engine (info.kind SCORE) takes the ids of whole (query, document) pairs and
+    gives each a row of dimension 1: the cross-encoder's raw logit.
+    """
 
     @property
     def info(self) -> EngineInfo: ...

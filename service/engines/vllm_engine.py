@@ -12,6 +12,11 @@ straight into its batch's array. That cuts the client's CPU per sequence about f
 (benchmarks: 0.14-0.34 -> 0.04 CPU-s per 1,000 queries), which decides how fast a GPU can
 be fed from one Python process.
 
+A score engine (VllmSettings.kind "score") runs a cross-encoder through vLLM's pooling runner
+for classification and gives one raw logit per (query, document) pair: BERT/XLM-R
+sequence classifiers as they are, and Qwen3-Reranker's causal LM with vLLM's yes/no head
+(QWEN3_RERANKER_OVERRIDES), which the service sets from the model's files.
+
 Engine arguments past the service's own flags come from --vllm-args, in vLLM's own syntax,
 parsed at start by vLLM's own parser (parse_vllm_args); the settings the service sets from
 its flags are refused there (SERVICE_OWNED), not silently overridden.
@@ -26,8 +31,10 @@ import dataclasses
 import difflib
 import functools
 import itertools
+import json
 import logging
 import os
+import re
 import shlex
 import time
 from collections.abc import Mapping, Sequence
@@ -36,8 +43,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NoReturn, cast
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
+from tokenizers import Tokenizer
 from vllm import AsyncEngineArgs, PoolingParams
 from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
 from vllm.usage.usage_lib import UsageContext
@@ -47,7 +56,22 @@ from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.executor import Executor
 
-from service.engines.base import EngineInfo, EngineUnavailableError
+from service.engines.base import (
+    EMBED,
+    MODEL_KINDS,
+    SCORE,
+    EngineConfigError,
+    EngineInfo,
+    EngineUnavailableError,
+)
+from service.pair_tokenization import (
+    QWEN3_RERANKER_TOKENS,
+    PairFormat,
+    TokenTypeRule,
+    detect_pair_format,
+    single_token_id,
+    token_type_rule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +89,10 @@ class VllmSettings:
     prefix_caching: bool = True  # False: off; True: vLLM's choice for the model
     progress_bars: bool = True  # vLLM's checkpoint-loading bars
     vllm_args: str = ""  # more engine arguments, vLLM's CLI syntax (--vllm-args)
+    kind: str = EMBED  # "embed": pooled vectors; "score": one cross-encoder logit per pair
+    # For kind "score": "auto" (from the model's files, see detect_pair_format),
+    # "cross-encoder" or "qwen3-reranker".
+    score_format: str = "auto"
 
 
 # The engine settings the service sets itself, so --vllm-args may not: vLLM's name -> the
@@ -152,6 +180,46 @@ def parse_vllm_args(text: str) -> Mapping[str, Any]:
     return MappingProxyType(given)
 
 
+def _flag(field: str) -> str:
+    """The service flag that sets vLLM's `field`, or its --vllm-args spelling."""
+    owner = SERVICE_OWNED.get(field, "")
+    if owner.startswith("--"):
+        return owner.split()[0]
+    return "--vllm-args --" + field.replace("_", "-")
+
+
+_TOO_LONG = re.compile(
+    r"max_model_len \((\d+)\) is greater than the derived max_model_len \(\w+=(\d+)"
+)
+
+
+def describe_config_error(exc: ValueError) -> str:
+    """vLLM's refusal of its settings (pydantic text, a paragraph) as one line that names
+    the service flag to change and what would work."""
+    errors: list[dict[str, Any]] = []
+    if hasattr(exc, "errors"):
+        errors = list(exc.errors())
+    problems: dict[str, str] = {}
+    for error in errors or [{"loc": (), "msg": str(exc)}]:
+        message = str(error.get("msg", "")).removeprefix("Value error, ").strip()
+        loc = error.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        too_long = _TOO_LONG.search(message)
+        if too_long:
+            asked, window = too_long.groups()
+            problems["max_model_len"] = (
+                f"--max-model-len {asked} is over the model's window of {window}: use {window}"
+                " or less (0: the model's own)"
+            )
+        elif field and field not in problems:
+            expected = (error.get("ctx") or {}).get("expected")
+            fix = f"use one of {expected}" if expected else message.splitlines()[0]
+            problems[field] = f"{_flag(field)} {error.get('input')!r} is not accepted: {fix}"
+        elif not field:
+            problems.setdefault("", message.splitlines()[0] if message else type(exc).__name__)
+    return "; ".join(problems.values())
+
+
 def _resolve_dtype(dtype: str) -> str:
     """ "auto" is bfloat16 on a GPU and float32 on a CPU.
 
@@ -217,16 +285,127 @@ SERVICE_DEFAULTS: Mapping[str, tuple[Any, frozenset[str]]] = MappingProxyType(
 )
 
 
+# What turns a published Qwen3-Reranker (a Qwen3ForCausalLM) into vLLM's one-logit
+# classifier: the score row is lm_head[yes] - lm_head[no] at the last position, whose sigmoid
+# is softmax([no, yes])[yes], the model card's score.
+QWEN3_RERANKER_OVERRIDES: Mapping[str, Any] = MappingProxyType(
+    {
+        "architectures": ["Qwen3ForSequenceClassification"],
+        "classifier_from_token": list(QWEN3_RERANKER_TOKENS),
+        "is_original_qwen3_reranker": True,
+    }
+)
+
+
+def score_format(settings: VllmSettings) -> PairFormat:
+    """The pair layout of a score model: settings.score_format, or found from its files.
+    Raises ValueError."""
+    return detect_pair_format(settings.model_path, settings.score_format)
+
+
+def _architectures(model_path: Path) -> list[str]:
+    try:
+        config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # vLLM says what is wrong with the folder
+    found = config.get("architectures") if isinstance(config, dict) else None
+    return [str(a) for a in found] if isinstance(found, list) else []
+
+
+def _tokenizer(model_path: Path) -> Tokenizer:
+    """The tokenizer the service builds pairs with. Raises ValueError."""
+    path = model_path / "tokenizer.json"
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
+def score_overrides(settings: VllmSettings) -> dict[str, Any]:
+    """The hf_overrides a score model needs (none for an embedding model or a sequence
+    classifier). Raises ValueError for a score model vLLM could not serve as one."""
+    if settings.kind != SCORE:
+        return {}
+    architectures = _architectures(settings.model_path)
+    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    if score_format(settings) is PairFormat.CROSS_ENCODER:
+        if causal:
+            raise ValueError(
+                f"{settings.model_path} is a causal LM ({', '.join(architectures)}), not a "
+                "sequence-classification cross-encoder; the one causal LM reranker served is "
+                "Qwen3-Reranker"
+            )
+        return {}
+    if not causal:
+        return {}  # already a sequence classifier (a converted Qwen3-Reranker)
+    if architectures != ["Qwen3ForCausalLM"]:
+        raise ValueError(
+            f"{settings.model_path} is {', '.join(architectures)}, not Qwen3-Reranker's "
+            "Qwen3ForCausalLM"
+        )
+    tokenizer = _tokenizer(settings.model_path)
+    for word in QWEN3_RERANKER_TOKENS:
+        if single_token_id(tokenizer, word) is None:
+            raise ValueError(
+                f"{settings.model_path} has no single {word!r} token, so it is no Qwen3-Reranker"
+            )
+    return copy.deepcopy(dict(QWEN3_RERANKER_OVERRIDES))
+
+
 def engine_args(settings: VllmSettings) -> AsyncEngineArgs:
     """What the engine is built from: the service's settings, then --vllm-args on top."""
     # A copy: the parsed values (config objects, dicts) are cached, and vLLM may change them.
     given = copy.deepcopy(dict(parse_vllm_args(settings.vllm_args)))
+    overrides = score_overrides(settings)
+    if overrides:
+        # The user's own hf_overrides stay, as long as they leave the service's keys alone.
+        user = given.get("hf_overrides") or {}
+        if not isinstance(user, dict):
+            raise VllmArgsError("--hf-overrides must be a JSON object for a Qwen3-Reranker")
+        clash = sorted(k for k in overrides if k in user and user[k] != overrides[k])
+        if clash:
+            raise VllmArgsError(
+                f"--hf-overrides {', '.join(clash)} is set by the service for Qwen3-Reranker"
+            )
+        given["hf_overrides"] = {**user, **overrides}
     defaults = {
         name: value
         for name, (value, overridden_by) in SERVICE_DEFAULTS.items()
         if not overridden_by & given.keys()
     }
     return AsyncEngineArgs(**service_engine_args(settings), **defaults, **given)
+
+
+def step_budget_args(settings: VllmSettings) -> AsyncEngineArgs:
+    """`engine_args`, with a step budget that holds the model's whole window.
+
+    Chunked prefill is off, so one engine step must hold the longest admissible input,
+    whatever the batcher's own budget (--max-batch-tokens) is; an input longer than that
+    runs as a batch of its own. Raises ValueError when vLLM refuses the settings.
+    """
+    args = engine_args(settings)
+    window = int(args.create_model_config().max_model_len)
+    args.max_num_batched_tokens = max(int(args.max_num_batched_tokens or 0), window)
+    return args
+
+
+def _score_checks(settings: VllmSettings, model: Any) -> TokenTypeRule | None:
+    """A score model must be a one-logit cross-encoder for vLLM; returns how its pairs'
+    token types are found, if it uses them. Raises ValueError."""
+    if model.score_type != "cross-encoder":
+        raise ValueError(
+            f"{settings.model_path} is not a cross-encoder (vLLM would score it as a "
+            f"{model.score_type}): use a sequence-classification model or Qwen3-Reranker"
+        )
+    labels = int(getattr(model.hf_config, "num_labels", 1))
+    if labels != 1:
+        raise ValueError(
+            f"{settings.model_path} is a classifier with {labels} labels; a reranker has one"
+        )
+    uses_types = int(getattr(model.hf_config, "type_vocab_size", 0) or 0) >= 2
+    if not uses_types or score_format(settings) is not PairFormat.CROSS_ENCODER:
+        return None
+    return token_type_rule(_tokenizer(settings.model_path))
 
 
 @dataclass(eq=False)
@@ -251,13 +430,23 @@ class _Pending:
 
 
 class VllmEngine:
-    def __init__(self, core: AsyncMPClient, info: EngineInfo, params: PoolingParams) -> None:
+    def __init__(
+        self,
+        core: AsyncMPClient,
+        info: EngineInfo,
+        params: PoolingParams,
+        token_types: TokenTypeRule | None = None,
+    ) -> None:
         self._core = core
         self._info = info
         # One verified PoolingParams for every sequence: it is serialized per request anyway.
         # Raw pooled vectors: normalization and Matryoshka slicing happen in post-processing,
         # so one engine batch can serve requests with different options.
         self._params = params
+        # Cross-encoders with token types (BERT): where type 1 starts is found in each pair's
+        # ids, and vLLM takes it as one position per sequence; one PoolingParams per position.
+        self._token_types = token_types
+        self._typed_params: dict[int, PoolingParams] = {}
         # Request ids only need to be unique within this engine; a counter is cheaper than
         # uuid4 (a urandom call) per sequence.
         self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())
@@ -276,12 +465,23 @@ class VllmEngine:
 
     @classmethod
     def load(cls, settings: VllmSettings) -> VllmEngine:
-        args = engine_args(settings)
-        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        if settings.kind not in MODEL_KINDS:
+            raise EngineConfigError(f"model kind {settings.kind!r} is not one of {MODEL_KINDS}")
+        try:
+            args = step_budget_args(settings)
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            model = vllm_config.model_config
+            token_types = _score_checks(settings, model) if settings.kind == SCORE else None
+        except ValueError as exc:  # pydantic's ValidationError is one
+            raise EngineConfigError(describe_config_error(exc)) from exc
         # As AsyncLLM does: model configs from custom code must reach the engine process.
         maybe_register_config_serialize_by_value()
-        model = vllm_config.model_config
-        params = PoolingParams(task="embed", use_activation=False)
+        if settings.kind == SCORE:
+            # "classify" is vLLM's cross-encoder task; the raw logit, the service applies the
+            # sigmoid (so both the probability and the logit can be answered).
+            params = PoolingParams(task="classify", use_activation=False)
+        else:
+            params = PoolingParams(task="embed", use_activation=False)
         params.verify(model)  # fills the model's defaults, as vLLM's input processing would
         # Starts the engine-core process and waits until it has loaded the model. log_stats
         # off: the service has its own metrics, and vLLM's cost CPU on every step.
@@ -290,13 +490,14 @@ class VllmEngine:
         )
         info = EngineInfo(
             model_name=settings.served_name,
-            dimension=int(model.embedding_size),
+            dimension=1 if settings.kind == SCORE else int(model.embedding_size),
             max_input_tokens=int(model.max_model_len),
             dtype=str(model.dtype).removeprefix("torch."),
             pooling=str(getattr(model.pooler_config, "seq_pooling_type", "") or ""),
+            kind=settings.kind,
         )
         log.debug("vLLM engine loaded: %s", info)
-        return cls(core, info, params)
+        return cls(core, info, params, token_types)
 
     async def embed(
         self, batch: Sequence[Sequence[int]], priority: int = 0
@@ -343,13 +544,27 @@ class VllmEngine:
             prompt_token_ids=ids if isinstance(ids, list) else list(ids),
             mm_features=None,
             sampling_params=None,
-            pooling_params=self._params,
+            pooling_params=self._params_for(ids),
             arrival_time=arrival,
             lora_request=None,
             cache_salt=None,
             data_parallel_rank=None,
             priority=priority,
         )
+
+    def _params_for(self, ids: Sequence[int]) -> PoolingParams:
+        if self._token_types is None:
+            return self._params
+        start = self._token_types.start(ids)
+        if start is None:
+            return self._params  # not a pair: all type 0
+        params = self._typed_params.get(start)
+        if params is None:
+            params = msgspec.structs.replace(
+                self._params, extra_kwargs={"compressed_token_type_ids": start}
+            )
+            self._typed_params[start] = params
+        return params
 
     async def _collect(self) -> None:
         """The one reader of the engine's outputs: file each finished vector into its call."""

@@ -43,8 +43,10 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNTRACED_PATHS = frozenset({"/health"})
-# What an unknown path is recorded under, so scanners cannot mint a series per path.
+# What an unknown path is recorded under, so scanners cannot mint a series per path; its
+# log line still names the path, cut to this many characters.
 OTHER_ROUTE = "other"
+_MAX_LOGGED_PATH = 200
 # A body this long is an error JSON of ours; longer ones are not read for the log line.
 _MAX_LOGGED_BODY = 4096
 
@@ -136,8 +138,10 @@ def _log_request(
     error_body: bytes,
 ) -> None:
     """DEBUG for every request, WARNING for a refused or failed one. Headers (API keys) and
-    bodies are never logged; an error's message names fields and limits, not input text."""
+    bodies are never logged; an error's message names fields and limits, not input text.
+    The line names the path asked for (an unknown one too: metrics record it as "other")."""
     method, route, status = request
+    path = _printable(scope.get("path", ""))
     level = logging.WARNING if 400 <= status < 499 or status >= 500 else logging.DEBUG
     if not log.isEnabledFor(level):
         return
@@ -158,16 +162,24 @@ def _log_request(
         level,
         "%s %s %d %.1fms%s",
         method,
-        route,
+        path,
         status,
         ms,
         f": {message}" if message else "",
         extra={
             "http_method": method,
             "http_route": route,
+            "url_path": path,
             "http_status": status,
             "duration_ms": round(ms, 3),
             "trace_id": trace_id,
             "span_id": span_id,
         },
     )
+
+
+def _printable(path: str) -> str:
+    """A client's path made safe for a log line: bounded, control characters escaped."""
+    cut = path[:_MAX_LOGGED_PATH]
+    shown = cut if cut.isprintable() else cut.encode("unicode_escape").decode("ascii")
+    return shown + ("..." if len(path) > _MAX_LOGGED_PATH else "")

@@ -18,6 +18,9 @@ from embedding_client import EmbeddingClient, decode
 from tests.reference import last_token_reference, minilm_reference, tokenize_for_reference
 from tests.servers import ServerProcess
 
+# RPC and HTTP deadlines: only a hang reaches them, however loaded the machine.
+PATIENCE_S = 600.0
+
 TOPICS = ["the harbour", "the committee", "the river delta", "the old library", "the budget"]
 SENTENCE = "In year {n}, {topic} was discussed at length, and the notes were filed for review."
 
@@ -150,7 +153,7 @@ def test_stream_items_are_chunked_like_embed(minilm: EmbeddingClient) -> None:
 
 def test_tokenize_gives_the_ids_embed_sends(minilm: EmbeddingClient, minilm_dir: Path) -> None:
     texts = ["Ünïcode façade 😀 and more", _document(1)]
-    response = minilm._stub.Tokenize(pb.TokenizeRequest(inputs=texts), timeout=30)
+    response = minilm._stub.Tokenize(pb.TokenizeRequest(inputs=texts), timeout=PATIENCE_S)
     assert [list(r.ids) for r in response.results] == tokenize_for_reference(minilm_dir, texts)
     for text, r in zip(texts, response.results, strict=True):
         assert r.text_start == 1 and len(r.offsets) == len(r.ids) - 2  # [CLS] ... [SEP]
@@ -158,19 +161,22 @@ def test_tokenize_gives_the_ids_embed_sends(minilm: EmbeddingClient, minilm_dir:
         assert all(p.strip() for p in pieces) and pieces[0] == text[: len(pieces[0])]
     # The ids as token inputs give the very vectors the texts give: they are what the engine saw.
     by_ids = minilm._stub.Embed(
-        pb.EmbedRequest(tokens=[pb.TokenIds(ids=r.ids) for r in response.results]), timeout=30
+        pb.EmbedRequest(tokens=[pb.TokenIds(ids=r.ids) for r in response.results]),
+        timeout=PATIENCE_S,
     )
     by_text = _embed(minilm, texts)
     for a, b in zip(by_ids.embeddings, by_text.embeddings, strict=True):
         np.testing.assert_allclose(decode(a), decode(b), atol=1e-6)
 
 
-def test_tokenize_applies_the_instruction_and_truncation(qwen: EmbeddingClient) -> None:
-    text = _document(40)
+def test_tokenize_applies_the_instruction_and_truncation(
+    qwen: EmbeddingClient, qwen_over_window: str
+) -> None:
+    text = qwen_over_window  # about 40,000 tokens: past the tiny Qwen3's 32,768-token window
     task = "Find it"
     options = pb.EmbedOptions(instruction=task, truncate=pb.TRUNCATE_START)
     [r] = qwen._stub.Tokenize(pb.TokenizeRequest(inputs=[text], options=options)).results
-    assert r.truncated and len(r.ids) == 128
+    assert r.truncated and len(r.ids) == qwen.model_info().max_input_tokens == 32768
     assert r.offsets[-1].char_end == len(text)  # the end of the text was kept
     embedded = _embed(qwen, [text], instruction=task, truncate=pb.TRUNCATE_START).embeddings[0]
     by_ids = qwen._stub.Embed(pb.EmbedRequest(tokens=[pb.TokenIds(ids=r.ids)])).embeddings[0]
@@ -220,7 +226,7 @@ def test_http_chunking_views_and_tokenize_match_grpc(
         "chunking": {"max_tokens": 96, "overlap_tokens": 8},
         "views": [{"dimensions": 64, "encoding": "int8"}],
     }
-    got = httpx.post(f"{minilm_server.base_url}/embeddings", json=body, timeout=60).json()
+    got = httpx.post(f"{minilm_server.base_url}/embeddings", json=body, timeout=PATIENCE_S).json()
     want = _embed(
         minilm,
         [text],
@@ -238,8 +244,13 @@ def test_http_chunking_views_and_tokenize_match_grpc(
     view = item["views"][0]
     assert (view["dimensions"], view["encoding"]) == (64, "int8") and "scale" in view
     tokens = httpx.post(
-        f"{minilm_server.base_url.removesuffix('/v1')}/tokenize", json={"input": text}, timeout=30
+        f"{minilm_server.base_url.removesuffix('/v1')}/tokenize",
+        json={"input": text},
+        timeout=PATIENCE_S,
     ).json()
-    [r] = minilm._stub.Tokenize(pb.TokenizeRequest(inputs=[text])).results
+    # HTTP cuts an input over the window by default (--http-truncate end); gRPC, told so.
+    options = pb.EmbedOptions(truncate=pb.TRUNCATE_END)
+    [r] = minilm._stub.Tokenize(pb.TokenizeRequest(inputs=[text], options=options)).results
+    assert tokens["data"][0]["truncated"] and r.truncated
     assert tokens["data"][0]["tokens"] == list(r.ids)
     assert tokens["data"][0]["offsets"] == [[o.char_start, o.char_end] for o in r.offsets]

@@ -13,19 +13,27 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
-from grpc_health.v1 import health_pb2
 
 from embedding_client import EmbeddingClient
-from tests.servers import ROOT, ServerProcess, free_port, health_status, start_server
+from embedding_client.auth import API_KEY_ENV
+from tests.proxy import HoldingProxy
+from tests.servers import ServerProcess, free_port, start_server
 
 CLI = [sys.executable, "-m", "embedding_client.cli"]
 NULL_ARGS = ["--engine", "null", "--metrics-port", "0"]
 MAX_INPUT_CHARS = 300
 BULK_DOCS = 8_000
+# Waits (runs, polls) are bounded by this only against a hang, never as a speed assertion.
+PATIENCE_S = 600.0
+# What a held run gets through the proxy: a few parts of null-engine vectors (384 float32
+# each, about 1.6 kB an answer), far from all of BULK_DOCS.
+HELD_AFTER_BYTES = 2 << 20
+KEY = "s3cret-key-0b9e"
 
 
 def _cli(
@@ -37,7 +45,7 @@ def _cli(
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=PATIENCE_S,
         check=False,
     )
 
@@ -62,8 +70,8 @@ def _errors(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
-def _wait_for_part(out: Path, process: subprocess.Popen[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for_part(out: Path, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + PATIENCE_S  # a bound on the poll, not a speed assertion
     while time.monotonic() < deadline:
         if out.is_dir() and any(out.glob("part-*.parquet")):
             return
@@ -79,30 +87,6 @@ def _assert_exactly_once(out: Path, ids: set[str]) -> pa.Table:
     assert set(table.column("id").to_pylist()) == ids
     assert not list(out.glob(".tmp-*"))
     return table
-
-
-def _null_server_on(port: int, log: Path, extra: Sequence[str] = ()) -> ServerProcess:
-    """A null-engine server on a fixed port, so a restart keeps the address."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", *NULL_ARGS, "--port", str(port), "--http-port", "0",
-         *extra],
-        cwd=ROOT,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    server = ServerProcess(f"127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, server.log_tail()
-        try:
-            if health_status(server.address) == health_pb2.HealthCheckResponse.SERVING:
-                return server
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise AssertionError(f"null server not serving:\n{server.log_tail()}")
 
 
 @pytest.fixture(scope="module")
@@ -219,19 +203,24 @@ def test_a_rerun_after_kill_9_of_the_cli_writes_every_row_exactly_once(
     null_server: ServerProcess, tmp_path: Path
 ) -> None:
     ids = _bulk(tmp_path / "bulk.jsonl")
-    args = ["bulk.jsonl", "--out", "out.parquet", "--server", null_server.address,
-            "--part-rows", "200"]  # fmt: skip
-    first = _spawn_cli(args, tmp_path)
-    _wait_for_part(tmp_path / "out.parquet", first)
-    first.send_signal(signal.SIGKILL)
-    first.communicate(timeout=30)
+    args = ["bulk.jsonl", "--out", "out.parquet", "--part-rows", "200"]
+    # The first run gets a few parts' worth of answers and then nothing: it is mid-run
+    # when killed, whatever the speed of this machine.
+    proxy = HoldingProxy(null_server.address, budget=HELD_AFTER_BYTES)
+    try:
+        first = _spawn_cli([*args, "--server", proxy.address], tmp_path)
+        _wait_for_part(tmp_path / "out.parquet", first)
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=PATIENCE_S)
+    finally:
+        proxy.close()
     assert first.returncode == -signal.SIGKILL  # killed mid-run, not finished
 
     partial = pq.read_table(tmp_path / "out.parquet")  # readable as it was left
     assert 0 < partial.num_rows < len(ids)
     assert partial.num_rows == len(set(partial.column("id").to_pylist()))
 
-    second = _cli(args, tmp_path)
+    second = _cli([*args, "--server", null_server.address], tmp_path)
     assert second.returncode == 0, second.stderr
     assert "resuming:" in second.stderr
     done = f"done: {len(ids) - partial.num_rows:,} documents embedded ({partial.num_rows:,} already"
@@ -242,23 +231,29 @@ def test_a_rerun_after_kill_9_of_the_cli_writes_every_row_exactly_once(
 def test_the_server_killed_and_restarted_mid_run_still_gives_a_complete_file(
     tmp_path: Path,
 ) -> None:
-    port, log = free_port(), tmp_path / "server.log"
-    server = _null_server_on(port, log)
+    log = tmp_path / "server.log"
+    server = start_server(NULL_ARGS, log)
+    # The run reaches the server through a proxy that stops it a few parts in, so the
+    # server dies mid-run however fast the machine; the restarted one answers everything.
+    proxy = HoldingProxy(server.address, budget=HELD_AFTER_BYTES)
     try:
         ids = _bulk(tmp_path / "bulk.jsonl")
-        cli = _spawn_cli(["bulk.jsonl", "--out", "out.parquet", "--server", server.address,
-                          "--part-rows", "400", "--retry-timeout", "60"], tmp_path)  # fmt: skip
+        args = ["bulk.jsonl", "--out", "out.parquet", "--server", proxy.address,
+                "--part-rows", "400", "--retry-timeout", str(PATIENCE_S)]  # fmt: skip
+        cli = _spawn_cli(args, tmp_path)
         _wait_for_part(tmp_path / "out.parquet", cli)
         server.process.kill()  # SIGKILL: no drain, the stream just breaks
         server.process.wait()
-        time.sleep(1.0)
-        server = _null_server_on(port, log)
-        _, stderr = cli.communicate(timeout=120)
+        server = start_server(NULL_ARGS, tmp_path / "restarted.log")
+        proxy.upstream = server.address
+        proxy.release()
+        _, stderr = cli.communicate(timeout=PATIENCE_S)
         assert cli.returncode == 0, stderr
         assert "stream lost (UNAVAILABLE" in stderr
         assert f"done: {len(ids):,} documents embedded" in stderr
         assert _assert_exactly_once(tmp_path / "out.parquet", ids).num_rows == len(ids)
     finally:
+        proxy.close()
         server.stop()
 
 
@@ -345,15 +340,46 @@ def test_an_unreachable_server_stops_the_run_with_status_3(tmp_path: Path) -> No
     assert "no model info from" in result.stderr
 
 
-def test_the_api_key_comes_from_the_environment(tmp_path: Path) -> None:
-    server = start_server([*NULL_ARGS, "--api-keys", "s3cret"], tmp_path / "server.log")
+def test_api_keys_for_the_client_and_embed_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started with --api-keys: the right key works for embed, the stream and
+    embed-files, from the argument or $EMBED_API_KEY; a wrong key and none fail plainly."""
+    server = start_server([*NULL_ARGS, "--api-keys", f"{KEY},another"], tmp_path / "server.log")
+    items = [("a", "first"), ("b", "second")]
     try:
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+        with EmbeddingClient(server.address, api_key=KEY) as client:
+            assert client.embed(["hello"]).vectors.shape == (1, 384)
+            assert sorted(r.id for r in client.embed_stream(items) if r.ok) == ["a", "b"]
+        monkeypatch.setenv(API_KEY_ENV, KEY)
+        with EmbeddingClient(server.address) as client:  # the key from the environment
+            assert client.embed(["hello"]).vectors.shape == (1, 384)
+        for key in ("wrong-key", ""):  # "" sends none, whatever the environment says
+            with EmbeddingClient(server.address, api_key=key) as client:
+                for call in (lambda: client.embed(["x"]), lambda: list(client.embed_stream(items))):
+                    with pytest.raises(grpc.RpcError) as caught:
+                        call()
+                    assert isinstance(caught.value, grpc.Call)
+                    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                    details = caught.value.details() or ""
+                    assert "missing or invalid API key" in details and KEY not in details
+
         _write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x"}])
-        args = ["in.jsonl", "--out", "out.parquet", "--server", server.address]
-        refused = _cli([*args, "--api-key", "wrong"], tmp_path)
+        args = ["in.jsonl", "--out", "out.parquet", "--server", server.address, "--quiet"]
+        no_key = {API_KEY_ENV: ""}  # whatever the runner's own environment holds
+        missing = _cli(args, tmp_path, env=no_key)
+        assert missing.returncode == 3
+        assert "requires an API key and none was given: pass one with --api-key" in missing.stderr
+        refused = _cli([*args, "--api-key", "wrong-key"], tmp_path, env=no_key)
         assert refused.returncode == 3
-        assert "refused the API key" in refused.stderr
-        accepted = _cli(args, tmp_path, env={"EMBED_API_KEY": "s3cret"})
-        assert accepted.returncode == 0, accepted.stderr
+        assert "refused the API key from --api-key" in refused.stderr
+        assert "wrong-key" not in refused.stderr
+        from_env = _cli(args, tmp_path, env={API_KEY_ENV: KEY})
+        assert from_env.returncode == 0, from_env.stderr
+        from_flag = _cli([*args, "--api-key", KEY, "--out", "again.parquet"], tmp_path, env=no_key)
+        assert from_flag.returncode == 0, from_flag.stderr
+        assert KEY not in from_env.stderr + from_flag.stderr
+        assert pq.read_table(tmp_path / "again.parquet").column("id").to_pylist() == ["a"]
     finally:
         server.stop()

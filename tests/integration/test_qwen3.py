@@ -1,20 +1,25 @@
-"""A tiny Qwen3 built in a fixture: last-token pooling, instructions, truncation, Matryoshka."""
+"""A tiny Qwen3 built in a fixture: last-token pooling, instructions, truncation, Matryoshka.
+
+Its window is Qwen3-Embedding's 32,768 tokens, so truncation is tested on a document of about
+40,000 tokens, and each truncated vector is checked against a reference of the whole window.
+The default policies at that window (gRPC refuses, HTTP cuts) are in test_qwen3_window.py.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
 from embedding_client import EmbeddingClient
+from tests.models.tiny_qwen3 import MAX_POSITIONS
 from tests.reference import last_token_reference, tokenize_for_reference
 from tests.texts import TEXTS
 
 DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
-LIMIT = 128  # max_position_embeddings of the tiny model
+LIMIT = MAX_POSITIONS  # the tiny model's window: 32,768, as Qwen3-Embedding's
 
 
 def _bare_ids(model_dir: Path, text: str) -> tuple[list[int], int]:
@@ -46,8 +51,10 @@ def test_query_prompt_name_uses_the_models_default_task(qwen: EmbeddingClient) -
 
 
 @pytest.mark.parametrize("side", ["end", "start"])
-def test_truncation_keeps_the_eos_token(qwen: EmbeddingClient, qwen_dir: Path, side: str) -> None:
-    long_text = " ".join(TEXTS) * 3
+def test_truncation_keeps_the_eos_token(
+    qwen: EmbeddingClient, qwen_dir: Path, qwen_over_window: str, side: str
+) -> None:
+    long_text = qwen_over_window
     bare, eos = _bare_ids(qwen_dir, long_text)
     assert len(bare) > LIMIT
     kept = bare[: LIMIT - 1] if side == "end" else bare[-(LIMIT - 1) :]
@@ -58,31 +65,16 @@ def test_truncation_keeps_the_eos_token(qwen: EmbeddingClient, qwen_dir: Path, s
 
 
 def test_truncation_from_the_start_keeps_the_instruction(
-    qwen: EmbeddingClient, qwen_dir: Path
+    qwen: EmbeddingClient, qwen_dir: Path, qwen_over_window: str
 ) -> None:
     task = "Find the passage"
     prefix = f"Instruct: {task}\nQuery:"
-    long_text = " ".join(TEXTS) * 3
+    long_text = qwen_over_window
     head, eos = _bare_ids(qwen_dir, prefix)
     body, _ = _bare_ids(qwen_dir, long_text)
     kept = [*head, *body[-(LIMIT - 1 - len(head)) :], eos]
     got = qwen.embed([long_text], instruction=task, truncate="start").vectors
     np.testing.assert_allclose(got, last_token_reference(qwen_dir, [kept]), atol=1e-4)
-
-
-def test_too_long_input_is_refused_with_index_count_and_limit(
-    qwen: EmbeddingClient, qwen_dir: Path
-) -> None:
-    long_text = " ".join(TEXTS) * 3
-    tokens = len(_bare_ids(qwen_dir, long_text)[0]) + 1
-    with pytest.raises(grpc.RpcError) as caught:
-        qwen.embed([TEXTS[0], long_text])
-    err = caught.value
-    assert isinstance(err, grpc.Call)
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    message = err.details() or ""
-    assert message.startswith("inputs[1]:")
-    assert f"{tokens} tokens" in message and f"limit of {LIMIT}" in message
 
 
 @pytest.mark.parametrize("dims", [32, 64, 127])

@@ -38,7 +38,9 @@ def _start_engine(model_dir: Path) -> Any:
         model=str(model_dir),
         runner="pooling",
         gpu_memory_utilization=0.1,  # on CPU: the fraction of RAM for the KV cache
-        max_num_batched_tokens=2048,
+        # Chunked prefill is off for pooling models, so one step must hold the whole window
+        # (the tiny Qwen3's is 32,768); below it vLLM refuses to start (issue 19).
+        max_num_batched_tokens=32768,
         max_num_seqs=64,
         enforce_eager=True,  # vLLM #48901: torch.compile + chunked prefill broke last-token
         dtype="float32",

@@ -11,9 +11,12 @@ It has the same file layout and the same behaviour that the service depends on:
   sequence, and ``<|endoftext|>`` is also the pad token. The special tokens come after the BPE
   vocabulary, as in Qwen's tokenizer, so nothing can get away with assuming that pad is id 0;
 - the sentence-transformers files ask for last-token pooling plus normalization, and carry the
-  query prompt.
+  query prompt;
+- ``max_position_embeddings`` is 32,768, Qwen3-Embedding's window, and the tokenizer and
+  sentence-transformers configs say the same. A smaller window hid issue 19: the service refused
+  to start any model whose window is larger than ``--max-batch-tokens``. The model is so small
+  that an input of the full window still embeds in seconds on a CPU.
 
-``max_position_embeddings`` is only 128 so that tests of truncation stay short.
 Building it is deterministic: the same bytes every run, given the same CPython (its docstrings
 are the tokenizer's training text) and the same torch (its random generator makes the weights).
 It takes a few seconds, most of it importing torch and transformers.
@@ -24,7 +27,10 @@ from __future__ import annotations
 import ast
 import pathlib
 import sysconfig
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from tests.models.qwen3_files import (
     SPECIAL_TOKENS,
@@ -35,7 +41,7 @@ from tests.models.qwen3_files import (
 )
 
 VOCAB_SIZE = 1000
-MAX_POSITIONS = 128
+MAX_POSITIONS = 32768  # Qwen3-Embedding's window (all three sizes)
 HIDDEN_SIZE = 128
 SEED = 1234
 
@@ -143,12 +149,74 @@ def _write_weights(path: pathlib.Path) -> None:
 
 def _corpus() -> list[str]:
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / "LICENSE.txt").read_text(encoding="utf-8")]
-    for relative in _CORPUS_MODULES:
+    return [(stdlib / "LICENSE.txt").read_text(encoding="utf-8"), *_docstrings(_CORPUS_MODULES)]
+
+
+def _docstrings(modules: Sequence[str]) -> Iterator[str]:
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    for relative in modules:
         tree = ast.parse((stdlib / relative).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                 doc = ast.get_docstring(node)
                 if doc:
-                    texts.append(doc)
-    return texts
+                    yield doc
+
+
+# Prose for long test documents: docstrings of modules that are not the tokenizer's training
+# text, so a document tokenizes as unseen English does (about 2.6 characters a token).
+_DOCUMENT_MODULES = (
+    "inspect.py",
+    "os.py",
+    "socket.py",
+    "tarfile.py",
+    "tempfile.py",
+    "smtplib.py",
+    "mailbox.py",
+    "optparse.py",
+    "configparser.py",
+    "enum.py",
+    "pdb.py",
+    "random.py",
+    "traceback.py",
+    "asyncio/base_events.py",
+    "asyncio/streams.py",
+    "selectors.py",
+    "queue.py",
+    "sched.py",
+    "calendar.py",
+    "ftplib.py",
+    "imaplib.py",
+    "pickle.py",
+)  # about 77,000 tokens of the tiny tokenizer in all (CPython 3.11)
+
+
+def long_document(model_dir: pathlib.Path, min_tokens: int) -> str:
+    """Natural English of `min_tokens` tokens or a few more (the EOS included), counted with the
+    model's own tokenizer: paragraphs of docstrings, cut after a word. The same text every time."""
+    tokenizer = Tokenizer.from_file(str(pathlib.Path(model_dir) / "tokenizer.json"))
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text).ids)
+
+    paragraphs: list[str] = []
+    estimate = 0  # pieces counted alone do not add up exactly across the joins
+    for paragraph in _docstrings(_DOCUMENT_MODULES):
+        paragraphs.append(paragraph)
+        estimate += count(paragraph)  # its EOS stands for the join
+        if estimate >= min_tokens:
+            text = "\n\n".join(paragraphs)
+            if count(text) >= min_tokens:
+                break
+    else:
+        raise ValueError(f"the prose runs out before {min_tokens} tokens")
+    # The shortest run of whole words from the start that still reaches min_tokens.
+    cuts = [i for i, char in enumerate(text) if char == " "] + [len(text)]
+    low, high = 0, len(cuts) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if count(text[: cuts[middle]]) >= min_tokens:
+            high = middle
+        else:
+            low = middle + 1
+    return text[: cuts[low]]

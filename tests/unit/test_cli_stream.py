@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,6 +20,9 @@ from embedding_client.cli.documents import Document, Failure
 from embedding_client.cli.stream import Feed, StreamLimits, StreamRunner
 
 FAST = Backoff(initial=0.01, cap=0.05)
+# With answer_at, a lull this long means the client stopped short of its window (a bug):
+# the fake then answers, and the test fails on the peak instead of hanging.
+LONG_LULL_S = 60.0
 SERVICE = "embedding.v1.EmbeddingService"
 
 
@@ -33,6 +36,9 @@ class FakeService:
     streams: int = 0
     busy_once: set[str] = field(default_factory=set)
     hang: bool = False  # read everything, answer nothing
+    # Hold answers until this many items are held, not until a 50 ms lull, so a slow
+    # client machine cannot make the fake answer before the client's window is full.
+    answer_at: int = 0
 
     def _result(self, item: pb.StreamItem) -> pb.StreamItemResult:
         if not item.input:
@@ -71,8 +77,9 @@ class FakeService:
         received = 0
         try:
             while True:
+                lull = (LONG_LULL_S if self.answer_at else 0.05) if held else None
                 try:
-                    request = await asyncio.wait_for(queue.get(), 0.05 if held else None)
+                    request = await asyncio.wait_for(queue.get(), lull)
                 except TimeoutError:
                     request = None if task.done() and queue.empty() else pb.EmbedStreamRequest()
                 if request is not None and request.items:
@@ -81,7 +88,8 @@ class FakeService:
                     self.peak = max(self.peak, len(held))
                     if limit is not None and received >= limit:
                         await context.abort(self.abort_code, "going away")
-                    continue
+                    if not self.answer_at or len(held) < self.answer_at:
+                        continue
                 if held:
                     yield pb.EmbedStreamResponse(results=[self._result(i) for i in held])
                     held = []
@@ -132,7 +140,11 @@ def _docs(n: int, texts: dict[int, str] | None = None) -> Iterator[Document]:
 
 
 async def _run(
-    channel: grpc.aio.Channel, docs: Iterator[Document], limits: StreamLimits, **kw: float
+    channel: grpc.aio.Channel,
+    docs: Iterator[Document],
+    limits: StreamLimits,
+    refused: Callable[[], FatalError] | None = None,
+    **kw: float,
 ) -> tuple[Sink, StreamRunner]:
     feed = Feed(asyncio.get_running_loop(), read_ahead=4)
     sink = Sink()
@@ -144,7 +156,9 @@ async def _run(
         sink=sink,
         limits=limits,
         backoff=FAST,
-        retry_timeout=kw.get("retry_timeout", 10.0),
+        # Long unless a test is about giving up: a loaded machine is not a stalled server.
+        retry_timeout=kw.get("retry_timeout", 300.0),
+        refused=refused,
     )
     thread = threading.Thread(target=feed.fill, args=(docs,), kwargs={"batch_docs": 16})
     thread.start()
@@ -160,6 +174,7 @@ async def test_the_window_bounds_unanswered_items_and_every_document_comes_back(
     fake: tuple[FakeService, grpc.aio.Channel],
 ) -> None:
     service, channel = fake
+    service.answer_at = 100  # a whole window, then all its answers at once: 10 rounds
     limits = StreamLimits(max_inflight=100, items_per_message=10)
     sink, runner = await _run(channel, _docs(1000), limits)
     assert sorted(sink.embedded_ids) == sorted(f"doc-{i}" for i in range(1000))
@@ -213,8 +228,12 @@ async def test_refusals_stop_the_run_and_a_dead_server_is_given_up_on(
     service.fail_after, service.abort_code = [1], grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(FatalError, match="UNAUTHENTICATED"):
         await _run(channel, _docs(10), StreamLimits())
+    # embed-files passes its own words for a key the server stopped taking mid-run.
+    service.fail_after, service.streams = [1], 0
+    with pytest.raises(FatalError, match=r"^key refused$"):
+        await _run(channel, _docs(10), StreamLimits(), refused=lambda: FatalError("key refused"))
     service.fail_after, service.abort_code = [1] * 1000, grpc.StatusCode.UNAVAILABLE
-    with pytest.raises(FatalError, match=r"gave up after 0 s .* 10 documents not embedded"):
+    with pytest.raises(FatalError, match=r"gave up after \d+ s .* 10 documents not embedded"):
         await _run(channel, _docs(10), StreamLimits(), retry_timeout=0.3)
 
 

@@ -27,6 +27,10 @@ from embedding_client import splitting as sp
 from embedding_client.codec import OptionsKwargs
 from embedding_client.results import TokenizedResult
 
+# How long a fake waits for an event that must come before calling the test hung: a
+# passing run never waits this long, however loaded the machine.
+PATIENCE_S = 120.0
+
 DEFAULT_LIMITS = pb.ServerLimits(
     max_inputs_per_request=2048,
     max_request_tokens=131072,
@@ -171,11 +175,15 @@ class FakeService(pb_grpc.EmbeddingServiceServicer):
 
     def __init__(self) -> None:
         self.limits = pb.ServerLimits()
-        self.delay_s = 0.0
+        # The first `gather` Embed calls are held until that many are in the server at once,
+        # so a client that keeps n in flight shows peak == n however slow the machine.
+        self.gather = 0
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.active = self.peak = self.info_calls = self.refused = self.cancelled = 0
         self.sizes: list[int] = []  # inputs of every Embed or Tokenize call, refused or not
         self.accepted: list[int] = []  # inputs of every Embed call answered
+        self.slow_started = threading.Event()  # a "slow" call is running in the server
 
     def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext
@@ -202,11 +210,14 @@ class FakeService(pb_grpc.EmbeddingServiceServicer):
             self.sizes.append(len(texts))
             self.active += 1
             self.peak = max(self.peak, self.active)
+            self.changed.notify_all()
+            if len(self.sizes) <= self.gather:
+                self.changed.wait_for(lambda: self.peak >= self.gather, PATIENCE_S)
         try:
-            time.sleep(self.delay_s)
             self._admit(texts, context)
             if any(t.startswith("boom") for t in texts):
-                time.sleep(0.2)  # long enough for the other calls to be in flight
+                # Fail only once the other call is in flight, however slow the machine.
+                self.slow_started.wait(PATIENCE_S)
                 context.abort(grpc.StatusCode.INTERNAL, "boom")
             if any(t.startswith("slow") for t in texts):
                 self._wait_for_cancel(context)
@@ -222,10 +233,10 @@ class FakeService(pb_grpc.EmbeddingServiceServicer):
                 self.active -= 1
 
     def _wait_for_cancel(self, context: grpc.ServicerContext) -> None:
-        deadline = time.monotonic() + 5
-        while context.is_active() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if not context.is_active():
+        ended = threading.Event()
+        context.add_callback(ended.set)  # runs when the call ends (here: is cancelled)
+        self.slow_started.set()
+        if ended.wait(PATIENCE_S):
             with self.lock:
                 self.cancelled += 1
 
@@ -254,6 +265,9 @@ class FakeService(pb_grpc.EmbeddingServiceServicer):
     def Similarity(
         self, request: pb.SimilarityRequest, context: grpc.ServicerContext
     ) -> pb.SimilarityResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
+    def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
 
 
@@ -374,7 +388,7 @@ def test_sub_calls_in_flight_never_exceed_max_concurrency(
 ) -> None:
     service, _ = fake
     service.limits = pb.ServerLimits(max_inputs_per_request=10)
-    service.delay_s = 0.02
+    service.gather = max_concurrency
     texts = _texts(200)
     _in_order(connect(max_concurrency).embed(texts), texts)
     assert service.sizes == [10] * 20
@@ -433,8 +447,8 @@ def test_the_first_failure_cancels_the_calls_in_flight_and_is_raised(
     with pytest.raises(grpc.RpcError) as caught:
         connect(2).embed(texts)
     assert caught.value.code() == grpc.StatusCode.INTERNAL
-    deadline = time.monotonic() + 3
-    while service.cancelled < 1 and time.monotonic() < deadline:
+    give_up = time.monotonic() + PATIENCE_S  # a bound on the loop, not a speed assertion
+    while service.cancelled < 1 and time.monotonic() < give_up:
         time.sleep(0.01)
     assert service.cancelled == 1
     assert len(service.sizes) == 2  # nothing was sent after the failure
@@ -461,10 +475,14 @@ async def test_the_real_servers_token_refusals_are_bisected(
     from service.config import ServiceConfig
     from service.server import EmbeddingServer
     from tests.fakes import FakeEngine, factory
-    from tests.servers import free_port
 
-    config = ServiceConfig(
-        port=0, grace_s=1.0, http_port=free_port(), max_request_tokens=300, max_queue_tokens=9000
+    config = ServiceConfig(  # no HTTP or metrics port: nothing to collide with a parallel run
+        port=0,
+        http_port=0,
+        metrics_port=0,
+        grace_s=1.0,
+        max_request_tokens=300,
+        max_queue_tokens=9000,
     )
     server = EmbeddingServer(config, factory(FakeEngine()))  # type: ignore[arg-type]
     bisected: list[range] = []

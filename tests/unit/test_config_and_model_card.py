@@ -43,3 +43,41 @@ def test_qwen3_card_learns_the_instruction_template(tmp_path: Path) -> None:
 def test_template_override(tmp_path: Path) -> None:
     card = load_model_card(build_tiny_qwen3(tmp_path / "q"), "q", "task: {instruction} | ")
     assert card.instruction_prefix("X") == "task: X | "
+
+
+@pytest.mark.parametrize(
+    ("model", "names", "served"),
+    [
+        # A Hub id answers to itself and to its last part, which is the same model.
+        (
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "",
+            ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"),
+        ),
+        ("plain-id", "", ("plain-id",)),
+        # Given names replace the defaults; the first is the one reported.
+        ("org/m", "m-prod, text-embedding-3-small,,m-prod", ("m-prod", "text-embedding-3-small")),
+    ],
+)
+def test_served_names(model: str, names: str, served: tuple[str, ...]) -> None:
+    from service.server import served_names
+
+    config = ServiceConfig(model=model, served_model_name=names)
+    assert served_names(config) == served
+
+
+def test_a_local_folder_is_named_by_its_last_part(tmp_path: Path) -> None:
+    from service.server import served_names
+
+    (tmp_path / "my-model").mkdir()
+    assert served_names(ServiceConfig(model=str(tmp_path / "my-model"))) == ("my-model",)
+
+
+def test_truncation_defaults_per_face() -> None:
+    cfg = load_config([], {})
+    # HTTP clients (Open WebUI, Chroma) cannot ask for truncation; gRPC callers can.
+    assert (cfg.http_truncate, cfg.grpc_truncate) == ("end", "refuse")
+    cfg = load_config(["--grpc-truncate", "start"], {"EMBED_HTTP_TRUNCATE": "refuse"})
+    assert (cfg.http_truncate, cfg.grpc_truncate) == ("refuse", "start")
+    with pytest.raises(SystemExit):
+        load_config(["--http-truncate", "middle"], {})

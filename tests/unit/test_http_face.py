@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,12 @@ from hypothesis import strategies as st
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.config import ServiceConfig
-from service.engines.base import EngineInfo
 from service.server import EmbeddingServer
-from tests.fakes import DIM, FakeEngine, factory
+from tests.fakes import FakeEngine, factory
 from tests.servers import free_port
 
 MODEL = "fake"  # the fake engine's model name
+ALIAS = "fake-alias"  # another name it answers to
 ServerMaker = Callable[..., Awaitable[tuple[EmbeddingServer, FakeEngine]]]
 
 
@@ -36,6 +38,7 @@ async def make_server() -> AsyncIterator[ServerMaker]:
         engine: FakeEngine | None = None, **settings: Any
     ) -> tuple[EmbeddingServer, FakeEngine]:
         engine = engine or FakeEngine()
+        settings.setdefault("served_model_name", f"{MODEL},{ALIAS}")
         config = ServiceConfig(port=0, http_port=free_port(), grace_s=1.0, **settings)
         server = EmbeddingServer(config, factory(engine))  # type: ignore[arg-type]
         await server.start()
@@ -190,19 +193,69 @@ async def test_bad_requests_are_400_in_openai_shape(
         await _still_serving(http)
 
 
+# Over the fake model's window of 256 tokens, with different words at either end.
+LONG_TEXT = "first " + "word " * 400 + "last"
+
+
 async def test_limits_name_the_index_and_the_limit(make_server: ServerMaker) -> None:
     server, _ = await make_server(max_inputs_per_request=8)
     async with _http(server) as http:
         error = _error(await http.post("/v1/embeddings", json={"input": ["t"] * 9}), 400)
         assert error["param"] == "input" and "9 texts exceed the limit of 8" in error["message"]
         assert error["code"] == "too_many_inputs"
-        long_text = "word " * 400  # the fake model's window is 256 tokens
-        error = _error(await http.post("/v1/embeddings", json={"input": ["ok", long_text]}), 400)
+        body = {"input": ["ok", LONG_TEXT], "truncate": "refuse"}
+        error = _error(await http.post("/v1/embeddings", json=body), 400)
         assert error["param"] == "input[1]" and "limit of 256" in error["message"]
-        truncated = await http.post("/v1/embeddings", json={"input": long_text, "truncate": "end"})
-        assert truncated.status_code == 200
-        assert truncated.json()["usage"]["prompt_tokens"] == 256
+        assert error["code"] == "input_too_long"
         await _still_serving(http)
+
+
+async def test_inputs_over_the_window_are_cut_by_default_and_flagged(
+    make_server: ServerMaker,
+) -> None:
+    """Open WebUI never sends `truncate`: its long chunks are cut, and the answer says so."""
+    server, engine = await make_server(vector_cache_mb=0)
+    async with _http(server) as http:
+        reply = await http.post("/v1/embeddings", json={"input": ["short", LONG_TEXT]})
+        assert reply.status_code == 200, reply.text
+        assert sorted(len(ids) for ids in engine.batches[-1]) == [3, 256]
+        start = await http.post("/v1/embeddings", json={"input": LONG_TEXT, "truncate": "start"})
+        whole = await http.post("/v1/embeddings", json={"input": ["short", "also short"]})
+        tokenized = await http.post("/tokenize", json={"input": LONG_TEXT})
+    assert reply.headers["x-truncated-inputs"] == "1"
+    short, cut = reply.json()["data"]
+    assert "truncated" not in short and cut["truncated"] is True
+    assert start.json()["data"][0]["truncated"] is True
+    assert start.json()["data"][0]["embedding"] != cut["embedding"]  # the other end was kept
+    assert whole.headers["x-truncated-inputs"] == "0"
+    assert not any("truncated" in item for item in whole.json()["data"])
+    assert tokenized.json()["data"][0]["truncated"] is True
+    assert len(tokenized.json()["data"][0]["tokens"]) == 256
+
+
+async def test_the_server_default_for_truncation_is_configurable(make_server: ServerMaker) -> None:
+    server, _ = await make_server(http_truncate="refuse")
+    async with _http(server) as http:
+        error = _error(await http.post("/v1/embeddings", json={"input": LONG_TEXT}), 400)
+        assert error["param"] == "input[0]" and "limit of 256" in error["message"]
+        whole = (await http.post("/tokenize", json={"input": LONG_TEXT})).json()["data"][0]
+        assert len(whole["tokens"]) == 404 and not whole["truncated"]  # refused: counted whole
+        cut = await http.post("/v1/embeddings", json={"input": LONG_TEXT, "truncate": "end"})
+        assert cut.json()["data"][0]["truncated"] is True
+        # Rerank's documents are cut all the same: a refusal would fail the whole search.
+        ranked = await http.post("/v1/rerank", json={"query": "q", "documents": [LONG_TEXT]})
+        assert ranked.status_code == 200 and ranked.headers["x-truncated-inputs"] == "1"
+
+
+async def test_every_served_name_is_accepted_and_listed(make_server: ServerMaker) -> None:
+    server, _ = await make_server()
+    async with _http(server) as http:
+        models = (await http.get("/v1/models")).json()
+        for name in (MODEL, ALIAS):
+            reply = await http.post("/v1/embeddings", json={"input": "x", "model": name})
+            assert reply.status_code == 200 and reply.json()["model"] == MODEL
+    assert [card["id"] for card in models["data"]] == [MODEL, ALIAS]
+    assert all(card["max_model_len"] == 256 for card in models["data"])
 
 
 async def test_unknown_model_is_404_model_not_found(make_server: ServerMaker) -> None:
@@ -210,9 +263,10 @@ async def test_unknown_model_is_404_model_not_found(make_server: ServerMaker) ->
     async with _http(server) as http:
         error = _error(await http.post("/v1/embeddings", json={"input": "x", "model": "gpt"}), 404)
         assert (error["param"], error["code"]) == ("model", "model_not_found")
-        assert MODEL in error["message"]
-        rerank = {"model": "gpt", "query": "q", "documents": ["d"]}
-        assert _error(await http.post("/v1/rerank", json=rerank), 404)["code"] == "model_not_found"
+        assert repr(MODEL) in error["message"] and repr(ALIAS) in error["message"]
+        for route in ("/v1/rerank", "/tokenize"):
+            body = {"model": "gpt", "query": "q", "documents": ["d"], "input": "x"}
+            assert _error(await http.post(route, json=body), 404)["code"] == "model_not_found"
         await _still_serving(http)
 
 
@@ -329,32 +383,12 @@ async def test_api_keys(make_server: ServerMaker) -> None:
         assert (await http.get("/health")).status_code == 200  # probes carry no key
 
 
-class _GatedEngine(FakeEngine):
-    """Holds every batch until `gate` opens; counts the batches cancelled meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-
-    async def embed(self, batch: Any, priority: int = 0) -> Any:
-        self.batches.append([list(ids) for ids in batch])
-        try:
-            await self.gate.wait()
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        return np.stack([np.ones(DIM, np.float32) for _ in batch])
-
-    @property
-    def info(self) -> EngineInfo:
-        return EngineInfo("fake", DIM, 256, "float32", "MEAN")
-
-
 async def test_a_client_that_disconnects_releases_its_work(make_server: ServerMaker) -> None:
-    engine = _GatedEngine()
-    engine.gate.set()  # the warm-up call
+    engine = FakeEngine()
+    engine.gate = gate = asyncio.Event()  # holds every batch until set
+    gate.set()  # the warm-up call
     server, _ = await make_server(engine, max_inflight_batches=1)
-    engine.gate.clear()
+    gate.clear()
     batcher = server._components.batcher if server._components else None
     assert batcher is not None
     async with _http(server, timeout=0.5) as http:
@@ -375,54 +409,246 @@ async def test_a_client_that_disconnects_releases_its_work(make_server: ServerMa
             await asyncio.sleep(0.02)
         assert batcher.queued_items == 0
         blocker.cancel()
-    engine.gate.set()
+    gate.set()
 
 
-async def test_rerank_sorts_documents_by_the_grpc_cosines(make_server: ServerMaker) -> None:
+async def test_a_client_gone_mid_body_is_recorded_499_not_500(
+    make_server: ServerMaker, caplog: pytest.LogCaptureFixture
+) -> None:
     server, _ = await make_server()
-    docs = ["alpha doc", "beta doc", "gamma doc", "delta doc"]
+
+    def statuses() -> list[str]:
+        return [r.getMessage().split()[2] for r in caplog.records if r.name == "service.http"]
+
+    with caplog.at_level(logging.DEBUG, logger="service.http"):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+        await writer.drain()
+        writer.close()
+        async with asyncio.timeout(30):
+            while not statuses():  # noqa: ASYNC110 - the server writes the line
+                await asyncio.sleep(0.02)
+    assert statuses() == ["499"]
+
+
+async def _grpc_cosines(server: EmbeddingServer, query: str, docs: list[str]) -> list[float]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         sim = await pb_grpc.EmbeddingServiceStub(channel).Similarity(
-            pb.SimilarityRequest(queries=["the query"], documents=docs), timeout=10
+            pb.SimilarityRequest(queries=[query], documents=docs), timeout=10
         )
-    scores = list(sim.results[0].scores)
-    body = {"model": MODEL, "query": "the query", "documents": docs, "top_n": 3}
+    return list(sim.results[0].scores)
+
+
+DOCS = ["alpha doc", "beta doc", "gamma doc", "delta doc"]
+
+
+async def test_rerank_scores_are_the_grpc_cosines_mapped_to_0_1(make_server: ServerMaker) -> None:
+    server, _ = await make_server()
+    cosines = await _grpc_cosines(server, "the query", DOCS)
+    body = {"model": MODEL, "query": "the query", "documents": DOCS, "top_n": 3}
     async with _http(server) as http:
-        ranked = (await http.post("/v1/rerank", json=body)).json()
-        with_docs = (
-            await http.post(
-                "/rerank",
-                json={
-                    "query": "the query",
-                    "documents": [{"text": d} for d in docs],
-                    "return_documents": True,
-                },
-            )
-        ).json()
+        ranked = await http.post("/v1/rerank", json=body)
+        raw = (await http.post("/v1/rerank", json={**body, "raw_scores": True})).json()
+        with_docs = await http.post(
+            "/rerank",
+            json={
+                "query": "the query",
+                "documents": [{"text": d} for d in DOCS],
+                "return_documents": True,
+            },
+        )
         error = _error(await http.post("/v1/rerank", json={**body, "top_n": 0}), 400)
-    order = sorted(range(4), key=lambda i: -scores[i])
-    assert [r["index"] for r in ranked["results"]] == order[:3]
-    for r in ranked["results"]:
-        assert r["relevance_score"] == pytest.approx(scores[r["index"]], abs=1e-6)
-        assert "document" not in r
-    assert [r["document"]["text"] for r in with_docs["results"]] == [docs[i] for i in order]
-    assert ranked["model"] == MODEL and ranked["usage"]["total_tokens"] > 0
+    order = sorted(range(4), key=lambda i: -cosines[i])
+    assert ranked.headers["x-truncated-inputs"] == "0"
+    answer = ranked.json()
+    assert [r["index"] for r in answer["results"]] == order[:3]
+    for r in answer["results"]:
+        assert r["relevance_score"] == pytest.approx((1 + cosines[r["index"]]) / 2, abs=1e-6)
+        assert 0 <= r["relevance_score"] <= 1
+        assert set(r) == {"index", "relevance_score"}
+    assert (answer["score_kind"], answer["score_formula"]) == ("cosine", "(1 + cosine) / 2")
+    assert answer["model"] == MODEL and answer["usage"]["total_tokens"] > 0
+    assert [r["relevance_score"] for r in raw["results"]] == pytest.approx(
+        [cosines[i] for i in order[:3]], abs=1e-6
+    )
+    assert raw["score_formula"] == "cosine"
+    results = with_docs.json()["results"]
+    assert [r["document"]["text"] for r in results] == [DOCS[i] for i in order]
     assert error["param"] == "top_n"
 
 
-async def test_models_openapi_and_docs(make_server: ServerMaker) -> None:
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        # Cohere v1 (the cohere SDK's Client, Open WebUI's external reranker).
+        ("/v1/rerank", {"documents": DOCS, "top_n": 4, "return_documents": True}),
+        # Cohere v2 (ClientV2, LiteLLM's cohere/ provider).
+        ("/v2/rerank", {"documents": DOCS, "max_tokens_per_doc": 100, "return_documents": True}),
+        # Jina: documents as {"text": ...}.
+        ("/v1/rerank", {"documents": [{"text": d} for d in DOCS], "return_documents": True}),
+    ],
+)
+async def test_rerank_answers_cohere_and_jina_shapes(
+    make_server: ServerMaker, route: str, body: dict[str, Any]
+) -> None:
+    server, _ = await make_server()
+    cosines = await _grpc_cosines(server, "the query", DOCS)
+    async with _http(server) as http:
+        reply = await http.post(route, json={"model": ALIAS, "query": "the query", **body})
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert [r["index"] for r in results] == sorted(range(4), key=lambda i: -cosines[i])
+    assert [r["document"] for r in results] == [{"text": DOCS[r["index"]]} for r in results]
+
+
+async def test_rerank_answers_tei_shape_with_a_bare_array(make_server: ServerMaker) -> None:
+    server, _ = await make_server()
+    cosines = await _grpc_cosines(server, "the query", DOCS)
+    order = sorted(range(4), key=lambda i: -cosines[i])
+    async with _http(server) as http:
+        plain = await http.post("/rerank", json={"query": "the query", "texts": DOCS})
+        full = await http.post(
+            "/rerank",
+            json={"query": "the query", "texts": DOCS, "return_text": True, "raw_scores": True},
+        )
+    assert plain.status_code == 200, plain.text
+    assert plain.headers["x-truncated-inputs"] == "0"
+    assert [set(r) for r in plain.json()] == [{"index", "score"}] * 4
+    assert [r["index"] for r in plain.json()] == order
+    assert [r["score"] for r in plain.json()] == pytest.approx(
+        [(1 + cosines[i]) / 2 for i in order], abs=1e-6
+    )
+    assert full.json() == [
+        {"index": i, "score": pytest.approx(cosines[i], abs=1e-6), "text": DOCS[i]} for i in order
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ({"query": "q"}, "documents", "required (or texts"),
+        ({"query": "q", "documents": ["d"], "texts": ["d"]}, "texts", "not both"),
+        (
+            {"query": "q", "texts": ["d"], "return_documents": True},
+            "return_documents",
+            "return_text",
+        ),
+        (
+            {"query": "q", "documents": ["d"], "return_text": True},
+            "return_text",
+            "return_documents",
+        ),
+        ({"query": "q", "documents": []}, "documents", "at least one"),
+        ({"query": "q", "texts": ["ok", ""]}, "texts[1]", "empty"),
+        ({"query": "", "documents": ["d"]}, "query", "empty"),
+        ({"query": "q", "documents": [{"txt": "d"}]}, "documents[0]", "text"),
+        (
+            {"query": "q", "documents": ["d"], "max_tokens_per_doc": 0},
+            "max_tokens_per_doc",
+            "at least 1",
+        ),
+        (
+            {"query": "q", "documents": ["d"], "truncate": "middle"},
+            "truncate",
+            "does not apply to rerank (end or refuse)",
+        ),
+        (
+            {"query": "q", "documents": ["d"], "truncate": "start"},
+            "truncate",
+            "does not apply to rerank (end or refuse)",
+        ),
+        ({"query": "q", "documents": ["d"], "truncate": 3}, "truncate", "expected"),
+    ],
+)
+async def test_rerank_refusals_say_what_and_why(
+    make_server: ServerMaker, body: dict[str, Any], param: str, words: str
+) -> None:
     server, _ = await make_server()
     async with _http(server) as http:
-        models = (await http.get("/v1/models")).json()
+        error = _error(await http.post("/rerank", json=body), 400)
+    assert error["param"] == param and words in error["message"], error
+
+
+async def test_rerank_cuts_long_documents_never_the_query(make_server: ServerMaker) -> None:
+    """Open WebUI posts whole chunks with top_n = their count and crashes on an error."""
+    server, engine = await make_server(vector_cache_mb=0)
+    docs = ["a short document", LONG_TEXT, LONG_TEXT + " more"]
+    body = {"model": MODEL, "query": "which one", "documents": docs, "top_n": len(docs)}
+    async with _http(server) as http:
+        before = len(engine.batches)
+        reply = await http.post("/v1/rerank", json=body)
+        assert reply.status_code == 200, reply.text
+        seen = [len(ids) for batch in engine.batches[before:] for ids in batch]
+        before = len(engine.batches)
+        capped = await http.post("/v2/rerank", json={**body, "max_tokens_per_doc": 10})
+        capped_seen = [len(ids) for batch in engine.batches[before:] for ids in batch]
+        refused = await http.post("/v1/rerank", json={**body, "truncate": "refuse"})
+        tei_refused = await http.post(
+            "/rerank", json={"query": "which one", "texts": docs, "truncate": False}
+        )
+        long_query = await http.post("/v1/rerank", json={**body, "query": LONG_TEXT})
+    results = reply.json()["results"]
+    assert sorted(r["index"] for r in results) == [0, 1, 2]
+    assert all(0 <= r["relevance_score"] <= 1 for r in results)
+    assert {r["index"] for r in results if r.get("truncated")} == {1, 2}
+    assert reply.headers["x-truncated-inputs"] == "2"
+    assert sorted(seen) == [4, 5, 256, 256]  # query, short document, two cut to the window
+    assert capped.headers["x-truncated-inputs"] == "2"
+    assert sorted(capped_seen) == [4, 5, 10, 10]
+    error = _error(refused, 400)
+    assert error["param"] == "documents[1]" and "limit of 256" in error["message"]
+    assert _error(tei_refused, 400)["param"] == "texts[1]"
+    error = _error(long_query, 400)
+    assert error["param"] == "query" and error["code"] == "input_too_long"
+    assert "404 tokens" in error["message"] and "limit of 256" in error["message"]
+    assert "never cut" in error["message"]
+
+
+async def test_unknown_routes_and_methods_answer_openai_errors(
+    make_server: ServerMaker, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _ = await make_server()
+    with caplog.at_level(logging.WARNING, logger="service.http"):
+        async with _http(server) as http:
+            missing = await http.post("/v1/chat/completions", json={})
+            wrong = await http.get("/v1/embeddings")
+            wrong_get = await http.delete("/v1/models")
+    error = _error(missing, 404)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "unknown_route")
+    assert "POST /v1/chat/completions" in error["message"]
+    assert "POST /v1/embeddings" in error["message"] and "GET /v1/models" in error["message"]
+    error = _error(wrong, 405)
+    assert error["code"] == "method_not_allowed" and "takes POST" in error["message"]
+    assert wrong.headers["allow"] == "POST"
+    assert "GET" in _error(wrong_get, 405)["message"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.http"]
+    assert any(line.startswith("POST /v1/chat/completions 404") for line in lines), lines
+
+
+async def test_models_openapi_and_docs_work_offline(make_server: ServerMaker) -> None:
+    server, _ = await make_server()
+    async with _http(server) as http:
         spec = (await http.get("/openapi.json")).json()
         docs = await http.get("/docs")
-    assert models["object"] == "list"
-    (card,) = models["data"]
-    assert (card["id"], card["object"], card["max_model_len"]) == (MODEL, "model", 256)
-    assert {"/v1/embeddings", "/v1/rerank", "/v1/models", "/health"} <= set(spec["paths"])
+        assert docs.status_code == 200
+        page = docs.text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assets = [await http.get(source) for source in sources]
+    assert "/openapi.json" in page and "validatorUrl: null" in page
+    assert not re.search(r"https?://", page), "the page must load nothing from another host"
+    assert sorted(sources) == ["/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css"]
+    for source, asset in zip(sources, assets, strict=True):
+        assert asset.status_code == 200 and len(asset.content) > 10_000, source
+    assert "SwaggerUIBundle" in assets[sources.index("/docs/swagger-ui-bundle.js")].text
+    assert {"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/v1/models"} <= set(
+        spec["paths"]
+    )
     embeddings = spec["components"]["schemas"]["EmbeddingsRequest"]["properties"]
     assert {"input", "model", "encoding_format", "dimensions", "instruction"} <= set(embeddings)
-    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    assert "default here: end" in embeddings["truncate"]["description"]
+    result = spec["components"]["schemas"]["RerankResult"]["properties"]
+    assert "(1 + cosine) / 2" in result["relevance_score"]["description"]
+    assert "truncated" in spec["components"]["schemas"]["EmbeddingData"]["properties"]
 
 
 _json_values = st.recursive(
@@ -449,7 +675,7 @@ _FIELDS = (
 
 @pytest.fixture(scope="module")
 async def shared_server() -> AsyncIterator[EmbeddingServer]:
-    config = ServiceConfig(port=0, http_port=free_port(), grace_s=0.0)
+    config = ServiceConfig(port=0, http_port=free_port(), grace_s=0.0, served_model_name=MODEL)
     server = EmbeddingServer(config, factory(FakeEngine()))  # type: ignore[arg-type]
     await server.start()
     yield server

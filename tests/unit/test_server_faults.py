@@ -22,6 +22,20 @@ from tests.servers import free_port
 
 ServerMaker = Callable[..., Awaitable[tuple[EmbeddingServer, FakeEngine]]]
 
+# RPC deadlines and bounds on condition polls: long enough that only a hang reaches them,
+# however loaded the machine. Where a test is about a deadline, it sets its own.
+PATIENCE_S = 120.0
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Polls `check` until it holds; fails after PATIENCE_S (a hang, not slowness)."""
+    try:
+        async with asyncio.timeout(PATIENCE_S):
+            while not check():  # noqa: ASYNC110 - the conditions live in other objects
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"never: {what}") from None
+
 
 @pytest.fixture
 async def make_server() -> AsyncIterator[ServerMaker]:
@@ -59,7 +73,7 @@ def _details(err: grpc.aio.AioRpcError) -> status_pb2.Status:
 async def _health(port: int, service: str) -> int:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=PATIENCE_S)
         return int(reply.status)
 
 
@@ -70,12 +84,14 @@ async def test_api_keys(make_server: ServerMaker) -> None:
     async with channel:
         for metadata in [(), (("x-api-key", "wrong"),), (("authorization", "Bearer nope"),)]:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.Embed(request, metadata=metadata, timeout=5)
+                await stub.Embed(request, metadata=metadata, timeout=PATIENCE_S)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "alpha-key" not in (caught.value.details() or "")
-        ok = await stub.Embed(request, metadata=(("authorization", "Bearer beta-key"),), timeout=5)
+        ok = await stub.Embed(
+            request, metadata=(("authorization", "Bearer beta-key"),), timeout=PATIENCE_S
+        )
         assert len(ok.embeddings) == 1
-        ok = await stub.Embed(request, metadata=(("x-api-key", "alpha-key"),), timeout=5)
+        ok = await stub.Embed(request, metadata=(("x-api-key", "alpha-key"),), timeout=PATIENCE_S)
         assert len(ok.embeddings) == 1
     # Probes carry no key.
     assert await _health(server.port, "") == health_pb2.HealthCheckResponse.SERVING
@@ -83,8 +99,8 @@ async def test_api_keys(make_server: ServerMaker) -> None:
 
 
 async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMaker) -> None:
-    server, _engine = await make_server(
-        FakeEngine(delay_s=0.05),
+    server, engine = await make_server(
+        FakeEngine(),
         vector_cache_mb=0,  # the same texts every call: the cache would answer them
         max_batch_tokens=256,
         max_queue_tokens=256,
@@ -97,7 +113,7 @@ async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMake
 
     async def call() -> grpc.StatusCode:
         try:
-            reply = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+            reply = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=PATIENCE_S)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 retry = error_details_pb2.RetryInfo()
@@ -107,8 +123,24 @@ async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMake
         assert len(reply.embeddings) == 4
         return grpc.StatusCode.OK
 
+    # The engine answers nothing until every call has been queued or refused: the flood
+    # meets a full queue however slowly it arrives.
+    engine.gate = asyncio.Event()
+    components = server._components
+    assert components is not None
+
+    warm_up = len(engine.batches)  # the server's own, at start
+
+    def settled() -> bool:
+        refused = sum(1 for c in calls if c.done())
+        in_engine = sum(len(b) for b in engine.batches[warm_up:])
+        return 4 * refused + components.batcher.queued_items + in_engine == 4 * len(calls)
+
     async with channel:
-        codes = await asyncio.gather(*(call() for _ in range(200)))
+        calls = [asyncio.ensure_future(call()) for _ in range(200)]
+        await until(settled, "every call queued or refused")
+        engine.gate.set()
+        codes = await asyncio.gather(*calls)
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert server._components is not None and server._components.batcher.queued_items == 0
 
@@ -117,7 +149,7 @@ async def test_short_deadline_is_refused_early(make_server: ServerMaker) -> None
     server, engine = await make_server(FakeEngine(delay_s=0.3))
     channel, stub = _stub(server)
     async with channel:
-        await stub.Embed(pb.EmbedRequest(inputs=["teach the latency estimate"]), timeout=5)
+        await stub.Embed(pb.EmbedRequest(inputs=["teach the latency estimate"]), timeout=PATIENCE_S)
         batches = len(engine.batches)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=0.05)
@@ -128,35 +160,45 @@ async def test_short_deadline_is_refused_early(make_server: ServerMaker) -> None
 async def test_gone_callers_abort_engine_work(make_server: ServerMaker) -> None:
     server, engine = await make_server(FakeEngine())
     engine.hang = True
+    components = server._components
+    assert components is not None
+    warm_up = len(engine.batches)  # the server's own, at start
     channel, stub = _stub(server)
     async with channel:
+        # A caller that leaves once its batch is in the engine: the batch is cancelled.
+        call = stub.Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=PATIENCE_S)
+        await until(lambda: len(engine.batches) == warm_up + 1, "the batch reached the engine")
+        call.cancel()
+        await until(lambda: engine.cancelled == 1, "the engine's work was cancelled")
+        # A deadline that passes: whatever of the call reached the engine is cancelled too
+        # (how far it got before its second passed depends on the machine, not the code).
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Embed(pb.EmbedRequest(inputs=["a", "b"]), timeout=1.0)
+            await stub.Embed(pb.EmbedRequest(inputs=["c", "d"]), timeout=1.0)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        for _ in range(50):
-            if engine.cancelled:
-                break
-            await asyncio.sleep(0.05)
-    assert engine.cancelled == 1
-    assert server._components is not None and server._components.batcher.inflight_batches == 0
+        await until(lambda: components.batcher.inflight_batches == 0, "no batch left running")
+    assert engine.cancelled == len(engine.batches) - warm_up
+    assert components.batcher.queued_items == 0
 
 
 async def test_engine_death_gives_unavailable_and_not_serving(make_server: ServerMaker) -> None:
-    server, engine = await make_server(FakeEngine(delay_s=0.3))
+    server, engine = await make_server(FakeEngine())
+    warm_up = len(engine.batches)  # the server's own, at start
+    engine.gate = asyncio.Event()  # the batch stays in the engine until the engine dies
     channel, stub = _stub(server)
     async with channel:
-        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=10))
-        await asyncio.sleep(0.1)
+        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=PATIENCE_S))
+        await until(lambda: len(engine.batches) == warm_up + 1, "the batch reached the engine")
         engine.dead = True
+        engine.gate.set()  # it dies mid-batch
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), 5)
+        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), PATIENCE_S)
         assert "died" in reason
         await server.fail(reason)
         assert await _health(server.port, "") == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Embed(pb.EmbedRequest(inputs=["y"]), timeout=5)
+            await stub.Embed(pb.EmbedRequest(inputs=["y"]), timeout=PATIENCE_S)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -165,8 +207,8 @@ async def test_hung_engine_is_caught_by_the_watchdog(make_server: ServerMaker) -
     engine.hang = True
     channel, stub = _stub(server)
     async with channel:
-        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=10))
-        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), 5)
+        call = asyncio.ensure_future(stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=PATIENCE_S))
+        reason = await asyncio.wait_for(server.watch_engine(interval_s=0.05), PATIENCE_S)
         assert "has run for over" in reason
         await server.fail(reason)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -186,10 +228,10 @@ async def test_invalid_utf8_is_invalid_argument(make_server: ServerMaker) -> Non
             response_deserializer=lambda b: b,
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call(raw, timeout=5)
+            await call(raw, timeout=PATIENCE_S)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         ok = await pb_grpc.EmbeddingServiceStub(channel).Embed(
-            pb.EmbedRequest(inputs=["fine"]), timeout=5
+            pb.EmbedRequest(inputs=["fine"]), timeout=PATIENCE_S
         )
         assert len(ok.embeddings) == 1
 
@@ -199,7 +241,7 @@ async def test_oversized_message_is_resource_exhausted(make_server: ServerMaker)
     channel, stub = _stub(server)
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Embed(pb.EmbedRequest(inputs=["x" * 100_000]), timeout=5)
+            await stub.Embed(pb.EmbedRequest(inputs=["x" * 100_000]), timeout=PATIENCE_S)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -208,7 +250,9 @@ async def test_request_token_limit(make_server: ServerMaker) -> None:
     channel, stub = _stub(server)
     async with channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.Embed(pb.EmbedRequest(inputs=["one two three four"] * 100), timeout=5)
+            await stub.Embed(
+                pb.EmbedRequest(inputs=["one two three four"] * 100), timeout=PATIENCE_S
+            )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "limit of 300" in (caught.value.details() or "")
 
@@ -223,8 +267,8 @@ async def test_stream_vectors_match_unary(make_server: ServerMaker) -> None:
             yield pb.EmbedStreamRequest(id=str(i), input=text)
 
     async with channel:
-        results = [r async for r in stub.EmbedStream(requests(), timeout=30)]
-        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
+        results = [r async for r in stub.EmbedStream(requests(), timeout=PATIENCE_S)]
+        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=PATIENCE_S)
     assert sorted(int(r.id) for r in results) == list(range(50))
     for r in results:
         expected = unary.embeddings[int(r.id)].data
@@ -255,9 +299,9 @@ async def test_stream_multi_item_messages_mixed_with_single_items(make_server: S
         yield pb.EmbedStreamRequest(items=[*bad, pb.StreamItem(id="twice", input="b")])
 
     async with channel:
-        responses = [r async for r in stub.EmbedStream(requests(), timeout=30)]
-        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=30)
-        unary8 = await stub.Embed(pb.EmbedRequest(inputs=texts, options=int8), timeout=30)
+        responses = [r async for r in stub.EmbedStream(requests(), timeout=PATIENCE_S)]
+        unary = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=PATIENCE_S)
+        unary8 = await stub.Embed(pb.EmbedRequest(inputs=texts, options=int8), timeout=PATIENCE_S)
     singles = [r for r in responses if not r.results]
     assert all(not r.id or int(r.id) % 3 == 0 for r in singles)
     results: list[pb.EmbedStreamResponse | pb.StreamItemResult] = [
@@ -291,7 +335,7 @@ async def test_stream_refuses_malformed_multi_item_messages_and_goes_on(
         yield pb.EmbedStreamRequest(items=five[:4])
 
     async with channel:
-        responses = [r async for r in stub.EmbedStream(requests(), timeout=30)]
+        responses = [r async for r in stub.EmbedStream(requests(), timeout=PATIENCE_S)]
     errors = [r.error for r in responses if r.HasField("error")]
     assert [e.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 2
     assert "5 items exceed the limit of 4 per message (first id 'x0')" in errors[0].message
@@ -319,18 +363,18 @@ async def test_streams_that_never_read_hold_only_the_shared_budget(
     async with channel:
         # Calls whose responses are never read: their clients' windows fill, and the
         # server's writes block with the items' room still held.
-        calls = [stub.EmbedStream(requests(n), timeout=60) for n in range(20)]
-        peak = 0
+        calls = [stub.EmbedStream(requests(n), timeout=PATIENCE_S) for n in range(20)]
+        # The room fills; then every sample of it for a while stays within the shared bound.
+        await until(lambda: budget.held > 0, "the streams hold items")
+        samples = []
         for _ in range(100):
+            samples.append(budget.held)
             await asyncio.sleep(0.02)
-            peak = max(peak, budget.held)
-        assert 0 < peak <= 40, peak
-        reply = await stub.Embed(pb.EmbedRequest(inputs=["a unary call meanwhile"]), timeout=10)
+        assert 0 < max(samples) <= 40, samples
+        reply = await stub.Embed(
+            pb.EmbedRequest(inputs=["a unary call meanwhile"]), timeout=PATIENCE_S
+        )
         assert len(reply.embeddings) == 1
         for call in calls:
             call.cancel()
-        for _ in range(100):
-            if budget.held == 0:
-                break
-            await asyncio.sleep(0.02)
-    assert budget.held == 0
+        await until(lambda: budget.held == 0, "the cancelled streams' room is freed")

@@ -80,8 +80,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: out / name for name in files}
 
 
+# RPC and HTTP deadlines: only a hang reaches them, however loaded the machine; refusals
+# (plaintext against TLS, no client certificate) come back at once whatever they are.
+PATIENCE_S = 120.0
+
+
 async def _start(**settings: object) -> EmbeddingServer:
-    config = ServiceConfig(port=0, grace_s=0.5, http_port=free_port(), **settings)  # type: ignore[arg-type]
+    config = ServiceConfig(port=0, grace_s=0.5, http_port=free_port(), metrics_port=0, **settings)  # type: ignore[arg-type]
     server = EmbeddingServer(config, factory(FakeEngine()))  # type: ignore[arg-type]
     await server.start()
     return server
@@ -97,7 +102,7 @@ async def _embed(port: int, credentials: grpc.ChannelCredentials | None) -> str:
     async with channel:
         try:
             reply = await pb_grpc.EmbeddingServiceStub(channel).Embed(
-                pb.EmbedRequest(inputs=["hello"]), timeout=5
+                pb.EmbedRequest(inputs=["hello"]), timeout=PATIENCE_S
             )
         except grpc.aio.AioRpcError as err:
             return err.code().name
@@ -115,7 +120,7 @@ async def _http_embed(
         if client_cert is not None:
             verify.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
     scheme = "https" if ca is not None else "http"
-    async with httpx.AsyncClient(verify=verify, timeout=5) as http:
+    async with httpx.AsyncClient(verify=verify, timeout=PATIENCE_S) as http:
         try:
             reply = await http.post(
                 f"{scheme}://localhost:{port}/v1/embeddings", json={"input": "hello"}
@@ -173,6 +178,7 @@ async def test_mutual_tls_and_plaintext_health_port(
     # Kubelet probes: plaintext, no client certificate.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService"), timeout=5
+            health_pb2.HealthCheckRequest(service="embedding.v1.EmbeddingService"),
+            timeout=PATIENCE_S,
         )
     assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from service.errors import InputTooLongError, InvalidInputError
-from service.tokenization import TextTokenizer, Truncation
+from service.tokenization import TextTokenizer, TokenizedInput, Truncation
 from tests.models.tiny_qwen3 import build_tiny_qwen3
 
 LONG = "Tokenizers split text into pieces that the model has seen during training. " * 20
@@ -119,3 +119,21 @@ def test_tokenizer_json_padding_and_truncation_are_ignored(minilm_dir: Path) -> 
         tok.close()
     assert len(short.ids) == 3
     assert 128 < len(long.ids) <= 256
+
+
+async def test_a_cap_below_the_window_cuts_to_it_keeping_the_special_tokens(
+    qwen_tok: TextTokenizer,
+) -> None:
+    """Rerank's max_tokens_per_doc: the cap applies like the window, special tokens kept."""
+    (capped,) = await qwen_tok.tokenize_each([LONG], "", Truncation.END, "d", limit=10)
+    assert isinstance(capped, TokenizedInput)
+    assert len(capped.ids) == 10 and capped.truncated
+    full = qwen_tok.tokenize_sync([LONG], "", Truncation.END, "d")[0]
+    assert capped.ids[:-1] == full.ids[:9] and capped.ids[-1] == full.ids[-1]
+    refused = await qwen_tok.tokenize_each([LONG], "", Truncation.REFUSE, "d", limit=10)
+    assert isinstance(refused[0], InputTooLongError) and refused[0].limit == 10
+    # A cap above the window is the window.
+    (wide,) = await qwen_tok.tokenize_each([LONG], "", Truncation.END, "d", limit=10_000)
+    assert isinstance(wide, TokenizedInput) and len(wide.ids) == qwen_tok.max_tokens
+    (none,) = await qwen_tok.tokenize_each([LONG], "", Truncation.END, "d", limit=1)
+    assert isinstance(none, InvalidInputError) and "no room" in str(none)

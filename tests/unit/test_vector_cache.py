@@ -35,6 +35,9 @@ from service.vector_cache import ENTRY_OVERHEAD_BYTES, CachingBatcher, VectorCac
 from tests.fakes import DIM, FakeEngine, factory, fake_vector
 from tests.servers import free_port
 
+# RPC deadlines of the server tests: only a hang reaches them, however loaded the machine.
+PATIENCE_S = 120.0
+
 
 def _limits(**changes: Any) -> BatcherLimits:
     defaults: dict[str, Any] = {
@@ -83,6 +86,16 @@ async def rig() -> AsyncIterator[Rig]:
 async def _settle() -> None:
     for _ in range(10):
         await asyncio.sleep(0)
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    """Turns the loop until `check` holds: counted in turns, not seconds, so no machine is
+    too slow for it."""
+    for _ in range(10_000):
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
 
 
 async def test_a_hit_returns_exactly_the_vector_a_miss_returns(rig: Rig) -> None:
@@ -158,9 +171,10 @@ async def test_one_entry_serves_every_dimension_and_normalization(rig: Rig) -> N
 
 
 async def test_concurrent_identical_requests_run_the_engine_once(rig: Rig) -> None:
-    rig.engine.delay_s = 0.05
+    rig.engine.gate = asyncio.Event()  # the first request stays in flight while all arrive
     calls = [rig.cached.submit([[4, 2]], Priority.INTERACTIVE) for _ in range(5)]
     streamed = [await rig.cached.submit_when_ready([4, 2], Priority.BULK) for _ in range(3)]
+    rig.engine.gate.set()
     results = await asyncio.gather(*(f for c in calls for f in c), *streamed)
     assert rig.engine.batches == [[[4, 2]]]
     assert all(r.vector.tobytes() == results[0].vector.tobytes() for r in results)
@@ -169,21 +183,23 @@ async def test_concurrent_identical_requests_run_the_engine_once(rig: Rig) -> No
 
 
 async def test_a_unary_caller_does_not_wait_on_a_stream_item(rig: Rig) -> None:
-    rig.engine.delay_s = 0.05
+    rig.engine.gate = asyncio.Event()  # nothing finishes before all three have arrived
     streamed = await rig.cached.submit_when_ready([6], Priority.BULK)
     (unary,) = rig.cached.submit([[6]], Priority.INTERACTIVE)
     later = await rig.cached.submit_when_ready([6], Priority.BULK)  # shares the unary one
+    rig.engine.gate.set()
     await asyncio.gather(streamed, unary, later)
     assert rig.engine_items == 2
 
 
 async def test_one_waiter_leaving_leaves_the_others_result_intact(rig: Rig) -> None:
-    rig.engine.delay_s = 0.1
+    rig.engine.gate = asyncio.Event()  # the batch stays in the engine until released
     (first,) = rig.cached.submit([[5, 5]], Priority.INTERACTIVE)
     (second,) = rig.cached.submit([[5, 5]], Priority.INTERACTIVE)
-    await asyncio.sleep(0.02)  # the batch is in the engine
-    assert rig.batcher.inflight_batches == 1
+    await _until(lambda: rig.batcher.inflight_batches == 1)
     first.cancel()
+    await _settle()
+    rig.engine.gate.set()
     result = await second
     np.testing.assert_array_equal(result.vector, fake_vector([5, 5]))
     assert rig.engine.cancelled == 0
@@ -191,11 +207,10 @@ async def test_one_waiter_leaving_leaves_the_others_result_intact(rig: Rig) -> N
 
 
 async def test_every_waiter_leaving_aborts_the_engine_request(rig: Rig) -> None:
-    rig.engine.delay_s = 10.0
+    rig.engine.gate = asyncio.Event()  # never set: the request only ends by being aborted
     (first,) = rig.cached.submit([[3, 1]], Priority.INTERACTIVE)
     second = await rig.cached.submit_when_ready([3, 1], Priority.BULK)
-    await asyncio.sleep(0.02)
-    assert rig.batcher.inflight_batches == 1
+    await _until(lambda: rig.batcher.inflight_batches == 1)
     first.cancel()
     await _settle()
     assert rig.engine.cancelled == 0
@@ -203,7 +218,7 @@ async def test_every_waiter_leaving_aborts_the_engine_request(rig: Rig) -> None:
     await _settle()
     assert rig.engine.cancelled == 1 and rig.batcher.inflight_batches == 0
     assert rig.cache.entries == 0
-    rig.engine.delay_s = 0.0  # nothing of the aborted request lingers: a new caller is served
+    rig.engine.gate = None  # nothing of the aborted request lingers: a new caller is served
     (again,) = await asyncio.gather(*rig.cached.submit([[3, 1]], Priority.INTERACTIVE))
     assert not again.cached
 
@@ -242,7 +257,7 @@ async def test_errors_are_not_cached(rig: Rig) -> None:
 
 async def test_a_refused_request_changes_nothing(rig: Rig) -> None:
     await asyncio.gather(*rig.cached.submit([[1]], Priority.INTERACTIVE))
-    with pytest.raises(ValueError, match="max_batch_tokens"):
+    with pytest.raises(ValueError, match="max_item_tokens"):
         rig.cached.submit([[1], list(range(2000))], Priority.INTERACTIVE)
     assert (rig.cache.hits, rig.cache.misses) == (0, 1)
     assert rig.batcher.queued_items == 0
@@ -452,12 +467,15 @@ async def test_the_server_reports_cached_inputs_on_both_faces(server_maker: Serv
     request = pb.EmbedRequest(inputs=["hello there", "general kenobi"])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
-        first = await stub.Embed(request, timeout=10)
-        second = await stub.Embed(pb.EmbedRequest(inputs=["general kenobi", "new one"]), timeout=10)
+        first = await stub.Embed(request, timeout=PATIENCE_S)
+        second = await stub.Embed(
+            pb.EmbedRequest(inputs=["general kenobi", "new one"]), timeout=PATIENCE_S
+        )
     assert first.timing.cached == 0 and second.timing.cached == 1
     assert second.embeddings[0].data == first.embeddings[1].data
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as http:
-        reply = await http.post("/v1/embeddings", json={"input": ["hello there"], "model": "fake"})
+    base = f"http://127.0.0.1:{server.http_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=PATIENCE_S) as http:
+        reply = await http.post("/v1/embeddings", json={"input": ["hello there"]})
     assert reply.status_code == 200, reply.text
     assert reply.headers["x-cached-inputs"] == "1"
     texts = [ids for batch in engine.batches for ids in batch]
@@ -470,7 +488,7 @@ async def test_zero_turns_the_cache_off(server_maker: ServerMaker) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         for _ in range(2):
-            reply = await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=10)
+            reply = await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=PATIENCE_S)
             assert reply.timing.cached == 0
     assert len(engine.batches) == 3  # warm-up and both calls
 
@@ -488,7 +506,7 @@ def test_config_option() -> None:
 async def test_cancelling_the_callers_tasks_reaches_the_shared_request(rig: Rig) -> None:
     """As a gRPC deadline or a client going away does: the task is cancelled, not the
     future; gather and the task pass the cancellation on to each waiter."""
-    rig.engine.delay_s = 10.0
+    rig.engine.gate = asyncio.Event()  # never set: the request only ends by being aborted
 
     async def unary() -> list[ItemResult]:
         return await asyncio.gather(*rig.cached.submit([[4, 4], [5]], Priority.INTERACTIVE))
@@ -497,8 +515,7 @@ async def test_cancelling_the_callers_tasks_reaches_the_shared_request(rig: Rig)
         return await (await rig.cached.submit_when_ready([4, 4], Priority.BULK))
 
     tasks = [asyncio.create_task(unary()), asyncio.create_task(streamed())]
-    await asyncio.sleep(0.02)
-    assert rig.batcher.inflight_batches == 1
+    await _until(lambda: rig.batcher.inflight_batches == 1)
     tasks[0].cancel()
     await _settle()
     assert rig.engine.cancelled == 0  # [4, 4] still has the stream's caller

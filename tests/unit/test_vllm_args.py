@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -160,3 +161,69 @@ def test_one_device_runs_in_the_engine_process_unless_told_otherwise() -> None:
     assert split.tensor_parallel_size == 2 and split.distributed_executor_backend != "uni"
     mp = engine_args(_settings("--distributed-executor-backend mp"))
     assert mp.distributed_executor_backend == "mp"
+
+
+@pytest.fixture(scope="module")
+def long_window_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only config.json: vLLM's settings are checked against it before any weight loads."""
+    from tests.models.qwen3_files import write_json
+    from tests.models.tiny_qwen3 import _CONFIG
+
+    folder = tmp_path_factory.mktemp("models") / "long-window"
+    folder.mkdir()
+    write_json(folder / "config.json", {**_CONFIG, "max_position_embeddings": 32768})
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("changes", "line"),
+    [
+        (
+            {"dtype": "float13"},
+            "--dtype 'float13' is not accepted: use one of 'auto', 'half', 'float16',"
+            " 'bfloat16', 'float' or 'float32'",
+        ),
+        (
+            {"max_model_len": 40000},
+            "--max-model-len 40000 is over the model's window of 32768: use 32768 or less"
+            " (0: the model's own)",
+        ),
+        (
+            {"gpu_memory_utilization": 3.0},
+            "--gpu-memory-utilization 3.0 is not accepted: Input should be less than or equal to 1",
+        ),
+        (
+            {"vllm_args": "--max-logprobs=-2"},
+            "--vllm-args --max-logprobs -2 is not accepted",
+        ),
+    ],
+)
+def test_engine_settings_vllm_refuses_become_one_line_naming_the_service_flag(
+    long_window_model: Path, changes: dict[str, object], line: str
+) -> None:
+    from service.engines.base import EngineConfigError
+    from service.engines.vllm_engine import VllmEngine
+
+    with pytest.raises(EngineConfigError) as caught:
+        VllmEngine.load(
+            _settings(**cast(dict[str, Any], {"model_path": long_window_model, **changes}))
+        )
+    message = str(caught.value)
+    assert message.startswith(line)
+    assert "\n" not in message and "pydantic" not in message and "validation error" not in message
+
+
+def test_the_step_budget_holds_the_whole_window_whatever_the_batch_budget(
+    long_window_model: Path,
+) -> None:
+    """Chunked prefill is off, so vLLM refuses a step budget under the window: the engine
+    raises its budget to the model's window rather than failing to start (issue 19)."""
+    from vllm.usage.usage_lib import UsageContext
+
+    from service.engines.vllm_engine import step_budget_args
+
+    args = step_budget_args(_settings(model_path=long_window_model, max_num_batched_tokens=4096))
+    config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+    assert config.model_config.max_model_len == 32768
+    assert config.scheduler_config.max_num_batched_tokens == 32768
+    assert not config.scheduler_config.enable_chunked_prefill

@@ -125,7 +125,9 @@ async def test_cancelling_a_call_aborts_only_its_unfinished_sequences() -> None:
     await _sent(core, 4)
     done_early = core.added[1]
     core.finish(done_early)
-    await asyncio.sleep(0.01)
+    for _ in range(20):  # loop turns, not seconds: the engine files the early vector
+        await asyncio.sleep(0)
+    assert core.outputs.empty()
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call

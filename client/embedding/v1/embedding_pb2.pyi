@@ -84,6 +84,36 @@ dimension 0 is bit 7 of byte 0. The last byte is zero-padded.
 """
 Global___Encoding: _TypeAlias = Encoding  # noqa: Y015
 
+class _ScoreKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_KIND_UNSPECIFIED: _ScoreKind.ValueType  # 0
+    SCORE_KIND_CROSS_ENCODER: _ScoreKind.ValueType  # 1
+    """A cross-encoder read the query and the document together: raw_score is its logit and
+    relevance_score = sigmoid(raw_score), a probability (Qwen3-Reranker: P("yes")).
+    """
+    SCORE_KIND_COSINE: _ScoreKind.ValueType  # 2
+    """No rerank model is served: raw_score is the cosine of the query's and the document's
+    embeddings, and relevance_score = (1 + cosine) / 2.
+    """
+
+class ScoreKind(_ScoreKind, metaclass=_ScoreKindEnumTypeWrapper):
+    """What a rerank score is."""
+
+SCORE_KIND_UNSPECIFIED: ScoreKind.ValueType  # 0
+SCORE_KIND_CROSS_ENCODER: ScoreKind.ValueType  # 1
+"""A cross-encoder read the query and the document together: raw_score is its logit and
+relevance_score = sigmoid(raw_score), a probability (Qwen3-Reranker: P("yes")).
+"""
+SCORE_KIND_COSINE: ScoreKind.ValueType  # 2
+"""No rerank model is served: raw_score is the cosine of the query's and the document's
+embeddings, and relevance_score = (1 + cosine) / 2.
+"""
+Global___ScoreKind: _TypeAlias = ScoreKind  # noqa: Y015
+
 @_typing.final
 class EmbedOptions(_message.Message):
     """Options that apply to every text of a call."""
@@ -859,6 +889,7 @@ class GetModelInfoResponse(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     POOLING_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The served model's name."""
     dimension: _builtins.int
@@ -884,6 +915,10 @@ class GetModelInfoResponse(_message.Message):
 
     @_builtins.property
     def limits(self) -> Global___ServerLimits: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServedModel]:
+        """Every model this server runs, the embedding model first when there is one."""
+
     def __init__(
         self,
         *,
@@ -898,14 +933,49 @@ class GetModelInfoResponse(_message.Message):
         dtype: _builtins.str = ...,
         pooling: _builtins.str = ...,
         limits: Global___ServerLimits | None = ...,
+        models: _abc.Iterable[Global___ServedModel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_instruction", b"default_instruction", "dimension", b"dimension", "dtype", b"dtype", "instruction_template", b"instruction_template", "limits", b"limits", "max_dimensions", b"max_dimensions", "max_input_tokens", b"max_input_tokens", "min_dimensions", b"min_dimensions", "model", b"model", "pooling", b"pooling", "prompts", b"prompts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_instruction", b"default_instruction", "dimension", b"dimension", "dtype", b"dtype", "instruction_template", b"instruction_template", "limits", b"limits", "max_dimensions", b"max_dimensions", "max_input_tokens", b"max_input_tokens", "min_dimensions", b"min_dimensions", "model", b"model", "models", b"models", "pooling", b"pooling", "prompts", b"prompts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetModelInfoResponse: _TypeAlias = GetModelInfoResponse  # noqa: Y015
+
+@_typing.final
+class ServedModel(_message.Message):
+    """One model the server runs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MAX_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"embed" (an embedding model) or "score" (a cross-encoder reranker)."""
+    max_input_tokens: _builtins.int
+    """Longest input in tokens, special tokens included (for "score": query and document
+    together, with the model's template).
+    """
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names a request may give; the first is the one reported."""
+
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        kind: _builtins.str = ...,
+        max_input_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "max_input_tokens", b"max_input_tokens", "names", b"names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ServedModel: _TypeAlias = ServedModel  # noqa: Y015
 
 @_typing.final
 class TokenizeRequest(_message.Message):
@@ -1023,3 +1093,129 @@ class TokenizeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
+
+@_typing.final
+class RerankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    RETURN_DOCUMENTS_FIELD_NUMBER: _builtins.int
+    INSTRUCTION_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """Never cut: a query that leaves no room for a document is refused."""
+    top_k: _builtins.int
+    """When > 0, only the best top_k documents, highest score first; 0: every document, in
+    document order.
+    """
+    return_documents: _builtins.bool
+    """Echo each document's text in RankedDocument.document."""
+    instruction: _builtins.str
+    """The task: Qwen3-Reranker's <Instruct> line (empty: the model's default), or the query's
+    instruction on the embedding model when no rerank model is served.
+    """
+    max_tokens_per_doc: _builtins.int
+    """Cut each document to at most this many tokens (Cohere's max_tokens_per_doc); 0: as many
+    as fit in the window.
+    """
+    model: _builtins.str
+    """Which model to rank with (GetModelInfoResponse.models); empty: the rerank model, or the
+    embedding model when none is served.
+    """
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each cut to fit beside the query in the model's window, never refused for its length."""
+
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        documents: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+        return_documents: _builtins.bool = ...,
+        instruction: _builtins.str = ...,
+        max_tokens_per_doc: _builtins.int = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "query", b"query", "return_documents", b"return_documents", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankRequest: _TypeAlias = RerankRequest  # noqa: Y015
+
+@_typing.final
+class RankedDocument(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    RELEVANCE_SCORE_FIELD_NUMBER: _builtins.int
+    RAW_SCORE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The document's index in RerankRequest.documents."""
+    relevance_score: _builtins.float
+    """In [0, 1]; see ScoreKind for its meaning."""
+    raw_score: _builtins.float
+    """The logit (cross-encoder) or the cosine (embedding model)."""
+    truncated: _builtins.bool
+    """Whether the document was cut to fit."""
+    document: _builtins.str
+    """The document's text, when return_documents was asked."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        relevance_score: _builtins.float = ...,
+        raw_score: _builtins.float = ...,
+        truncated: _builtins.bool = ...,
+        document: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document", "index", b"index", "raw_score", b"raw_score", "relevance_score", b"relevance_score", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankedDocument: _TypeAlias = RankedDocument  # noqa: Y015
+
+@_typing.final
+class RerankResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    SCORE_KIND_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TIMING_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    score_kind: Global___ScoreKind.ValueType
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RankedDocument]:
+        """Every document in document order, or the best top_k, highest score first."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
+    @_builtins.property
+    def timing(self) -> Global___Timing: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RankedDocument] | None = ...,
+        model: _builtins.str = ...,
+        score_kind: Global___ScoreKind.ValueType = ...,
+        usage: Global___Usage | None = ...,
+        timing: Global___Timing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "results", b"results", "score_kind", b"score_kind", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankResponse: _TypeAlias = RerankResponse  # noqa: Y015

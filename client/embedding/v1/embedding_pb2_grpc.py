@@ -63,6 +63,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/embedding.v1.EmbeddingService/Rerank',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -110,6 +115,14 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Documents ordered by relevance to a query: a cross-encoder's probability when the server
+        runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +150,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +296,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/Tokenize',
             embedding_dot_v1_dot_embedding__pb2.TokenizeRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedding.v1.EmbeddingService/Rerank',
+            embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,10 @@ class EmbeddingServiceStub:
     """The model and the server's limits."""
     Tokenize: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.TokenizeRequest, _embedding_pb2.TokenizeResponse]
     """The token ids Embed would send the engine for each input, with their places in the text."""
+    Rerank: _grpc.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]
+    """Documents ordered by relevance to a query: a cross-encoder's probability when the server
+    runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -75,6 +79,10 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """The model and the server's limits."""
     Tokenize: _aio.UnaryUnaryMultiCallable[_embedding_pb2.TokenizeRequest, _embedding_pb2.TokenizeResponse]  # type: ignore[assignment]
     """The token ids Embed would send the engine for each input, with their places in the text."""
+    Rerank: _aio.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]  # type: ignore[assignment]
+    """Documents ordered by relevance to a query: a cross-encoder's probability when the server
+    runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+    """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """EmbeddingService turns text into vectors with one embedding model.
@@ -126,5 +134,15 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_embedding_pb2.TokenizeResponse, _abc.Awaitable[_embedding_pb2.TokenizeResponse]]:
         """The token ids Embed would send the engine for each input, with their places in the text."""
+
+    @_abc_1.abstractmethod
+    def Rerank(
+        self,
+        request: _embedding_pb2.RerankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_pb2.RerankResponse, _abc.Awaitable[_embedding_pb2.RerankResponse]]:
+        """Documents ordered by relevance to a query: a cross-encoder's probability when the server
+        runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+        """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

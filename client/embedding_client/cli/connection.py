@@ -15,6 +15,7 @@ import grpc.aio
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
+from embedding_client.auth import API_KEY_ENV, auth_metadata
 from embedding_client.channel import channel_options
 
 # Codes a stream or a GetModelInfo call may fail with while the server restarts, drains or
@@ -74,7 +75,13 @@ class Backoff:
 class Connection:
     """One channel for the whole run: grpc re-establishes it when the server comes back."""
 
-    def __init__(self, target: str, tls: TlsFiles | None, api_key: str) -> None:
+    def __init__(self, target: str, tls: TlsFiles | None, api_key: str | None) -> None:
+        # --api-key, else $EMBED_API_KEY (the clients' own rule); ValueError for a key that
+        # cannot travel as metadata, before anything is opened.
+        self.metadata = auth_metadata((), api_key)
+        self._key_source = ""
+        if self.metadata:
+            self._key_source = "--api-key" if api_key else f"${API_KEY_ENV}"
         options = channel_options() + _RECONNECT_OPTIONS
         self.channel = (
             grpc.aio.secure_channel(target, tls.credentials(), options=options)
@@ -83,9 +90,18 @@ class Connection:
         )
         self.target = target
         self.stub = pb_grpc.EmbeddingServiceStub(self.channel)
-        # The way the service reads keys (see the README): a bearer token.
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def refused(self) -> FatalError:
+        """What to say when the server answers UNAUTHENTICATED: whether a key was sent,
+        where it came from (never the key) and how to pass one."""
+        how = f"--api-key KEY or set {API_KEY_ENV}=KEY"
+        if not self._key_source:
+            return FatalError(
+                f"{self.target} requires an API key and none was given: pass one with {how}"
+            )
+        return FatalError(
+            f"{self.target} refused the API key from {self._key_source} (wrong or revoked): "
+            f"pass the right one with {how}"
         )
 
     async def model_info(
@@ -103,9 +119,7 @@ class Connection:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise FatalError(
-                        f"{self.target} refused the API key: pass --api-key or set EMBED_API_KEY"
-                    ) from err
+                    raise self.refused() from err
                 waited = time.monotonic() - started
                 retryable = code in RETRYABLE or code == grpc.StatusCode.DEADLINE_EXCEEDED
                 if not retryable or waited >= retry_timeout:

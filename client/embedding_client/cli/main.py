@@ -2,15 +2,14 @@
 
 Exit status: 0 when every document was embedded; 1 when some failed (they are listed in
 OUT.errors.jsonl); 2 for a usage error; 3 when the run stopped early (server unreachable
-past --retry-timeout, refused API key, output unusable); 130 and 143 on SIGINT and SIGTERM.
-Whatever was complete is committed in every case, and a rerun resumes.
+past --retry-timeout, API key missing or refused, output unusable); 130 and 143 on SIGINT
+and SIGTERM. Whatever was complete is committed in every case, and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from embedding.v1 import embedding_pb2 as pb
+from embedding_client.auth import API_KEY_ENV
 from embedding_client.cli.connection import Connection, FatalError, TlsFiles
 from embedding_client.cli.output import Dataset, ErrorLog, PartWriter, errors_path
 from embedding_client.cli.progress import Mode, Progress, Stats, summary_line
@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("connection")
     g.add_argument(
         "--api-key",
-        default=os.environ.get("EMBED_API_KEY", ""),
+        default=None,  # then $EMBED_API_KEY, read by Connection; never shown in --help
         metavar="KEY",
-        help="API key (default: $EMBED_API_KEY, which keeps it out of the process list)",
+        help=f"API key, for a server started with --api-keys (default: ${API_KEY_ENV}, "
+        "which keeps it out of the process list)",
     )
     g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     g.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to trust (implies TLS)")
@@ -247,6 +248,8 @@ async def _run(args: argparse.Namespace) -> int:
             connection = Connection(args.server, tls, args.api_key)
         except OSError as err:
             raise UsageError(f"cannot read a TLS file: {err}") from err
+        except ValueError as err:  # names the problem, never the key
+            raise UsageError(f"--api-key or ${API_KEY_ENV}: {err}") from err
         try:
             info = await connection.model_info(args.retry_timeout, progress.note)
             settings = resolve(requested, info)
@@ -331,6 +334,7 @@ async def _stream(
         retry_timeout=args.retry_timeout,
         note=progress.note,
         check_server=check_server,
+        refused=connection.refused,
     )
     ending = "interrupted"
     writer.start()

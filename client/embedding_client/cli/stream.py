@@ -182,6 +182,7 @@ class StreamRunner:
         note: Callable[[str], None] = lambda _: None,
         check_server: Callable[[], Awaitable[None]] | None = None,
         backoff: Backoff | None = None,
+        refused: Callable[[], FatalError] | None = None,
     ) -> None:
         self._stub = stub
         self._metadata = metadata
@@ -193,6 +194,7 @@ class StreamRunner:
         self._note = note
         self._check_server = check_server
         self._backoff = backoff or Backoff()
+        self._refused = refused  # the error for UNAUTHENTICATED (keys rotated mid-run)
         self._wire_ids = itertools.count()
         self._pending: dict[str, _Sent] = {}  # sent on the current stream, not answered
         self._resend: deque[_Sent] = deque()  # to send before new documents
@@ -227,7 +229,10 @@ class StreamRunner:
             except _Stalled as err:
                 reason = str(err)
             except grpc.aio.AioRpcError as err:
-                if err.code() not in RETRYABLE:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED and self._refused is not None:
+                    raise self._refused() from err
+                # DEADLINE_EXCEEDED comes from check_server on a slow server: try again.
+                if err.code() not in RETRYABLE | {grpc.StatusCode.DEADLINE_EXCEEDED}:
                     message = f"the stream failed: {err.code().name}: {err.details()}"
                     raise FatalError(message) from err
                 reason = f"{err.code().name}: {err.details()}"

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service import postprocess
+from service.api.calls.rerank import RerankCall, ScoreKind, rerank
 from service.api.grpc import wire
 from service.api.grpc.status import to_status
 from service.api.grpc.stream import StreamSession, Undecodable
@@ -24,6 +25,10 @@ from service.errors import InvalidInputError
 from service.pipeline import Inputs, TokenInputs
 
 T = TypeVar("T")
+_SCORE_KINDS = {
+    ScoreKind.CROSS_ENCODER: pb.SCORE_KIND_CROSS_ENCODER,
+    ScoreKind.COSINE: pb.SCORE_KIND_COSINE,
+}
 Context = grpc.aio.ServicerContext[object, object]
 
 
@@ -61,6 +66,7 @@ def add_servicer(
         "Similarity": unary(servicer.Similarity, _lenient(pb.SimilarityRequest), _serialize),
         "GetModelInfo": unary(servicer.GetModelInfo, _lenient(pb.GetModelInfoRequest), _serialize),
         "Tokenize": unary(servicer.Tokenize, _lenient(pb.TokenizeRequest), _serialize),
+        "Rerank": unary(servicer.Rerank, _lenient(pb.RerankRequest), _serialize),
         "EmbedStream": grpc.stream_stream_rpc_method_handler(
             servicer.EmbedStream, _lenient(pb.EmbedStreamRequest), _serialize
         ),
@@ -99,7 +105,27 @@ def model_info(rt: Runtime, stream_max_inflight: int) -> pb.GetModelInfoResponse
             max_request_tokens=limits.max_request_tokens,
             stream_max_inflight=stream_max_inflight,
         ),
+        models=served_models(rt),
     )
+
+
+def served_models(rt: Runtime) -> list[pb.ServedModel]:
+    info = rt.info
+    models = [
+        pb.ServedModel(
+            names=rt.model_names or [info.model_name],
+            kind="embed",
+            max_input_tokens=info.max_input_tokens,
+        )
+    ]
+    if rt.scorer is not None:
+        scorer = rt.scorer
+        models.append(
+            pb.ServedModel(
+                names=scorer.names, kind="score", max_input_tokens=scorer.info.max_input_tokens
+            )
+        )
+    return models
 
 
 def _embed_inputs(request: pb.EmbedRequest, rt: Runtime) -> tuple[Inputs, str]:
@@ -115,9 +141,15 @@ def _embed_inputs(request: pb.EmbedRequest, rt: Runtime) -> tuple[Inputs, str]:
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def __init__(
-        self, gate: Gate, streams: StreamBudget, send_timing_metadata: bool = True
+        self,
+        gate: Gate,
+        streams: StreamBudget,
+        send_timing_metadata: bool = True,
+        default_truncate: str = "refuse",
     ) -> None:
         self._gate = gate
+        # What an input over the window gets when the call leaves truncate unspecified.
+        self._truncate = default_truncate
         self._streams = streams
         # Metadata on a unary response costs grpc.aio about as much as the rest of a
         # null-engine call's telemetry (see benchmarks/README.md); operators may drop it.
@@ -148,7 +180,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def handle(rt: Runtime) -> pb.EmbedResponse:
             inputs, field = _embed_inputs(request, rt)
             spec = rt.validator.options(
-                wire.request_options(request.options),
+                wire.request_options(request.options, self._truncate),
                 token_inputs=isinstance(inputs, TokenInputs),
             )
             outcome = await rt.embedder.embed(inputs, spec, field, _deadline(context))
@@ -172,7 +204,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             v.texts(request.queries, "queries")
             v.texts(request.documents, "documents")
             v.count(len(request.queries) + len(request.documents), "queries+documents")
-            spec = v.options(wire.request_options(request.options))
+            spec = v.options(wire.request_options(request.options, self._truncate))
             for name, unused in (
                 ("encoding", spec.encoding is not postprocess.Encoding.FLOAT32),
                 ("chunking", spec.chunking is not None),
@@ -206,10 +238,46 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         async def handle(rt: Runtime) -> pb.TokenizeResponse:
             rt.validator.texts(request.inputs, "inputs")
-            spec = rt.validator.options(wire.request_options(request.options))
+            spec = rt.validator.options(wire.request_options(request.options, self._truncate))
             results = await rt.embedder.tokenize(request.inputs, spec, "inputs")
             return pb.TokenizeResponse(
                 results=[wire.tokenized(r) for r in results], model=rt.info.model_name
+            )
+
+        return await self._answer(request, context, handle)
+
+    async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
+        started = time.perf_counter()
+
+        async def handle(rt: Runtime) -> pb.RerankResponse:
+            answer = await rerank(
+                rt,
+                RerankCall(
+                    query=request.query,
+                    documents=request.documents,
+                    top_k=request.top_k,
+                    instruction=request.instruction,
+                    max_tokens_per_doc=request.max_tokens_per_doc,
+                    model=request.model or None,
+                    deadline=_deadline(context),
+                ),
+            )
+            tokens = answer.prompt_tokens
+            return pb.RerankResponse(
+                results=[
+                    pb.RankedDocument(
+                        index=r.index,
+                        relevance_score=r.relevance,
+                        raw_score=r.raw,
+                        truncated=r.truncated,
+                        document=request.documents[r.index] if request.return_documents else "",
+                    )
+                    for r in answer.results
+                ],
+                model=answer.model,
+                score_kind=_SCORE_KINDS[answer.kind],
+                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
+                timing=wire.timing(answer.timing, started),
             )
 
         return await self._answer(request, context, handle)
@@ -222,7 +290,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         except Exception as exc:
             await context.abort_with_status(rpc_status.to_status(to_status(exc)))
             return
-        session = StreamSession(rt, self._streams, _deadline(context))
+        session = StreamSession(rt, self._streams, _deadline(context), self._truncate)
         async for response in session.run(request_iterator):
             yield response
 

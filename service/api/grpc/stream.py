@@ -67,8 +67,11 @@ class StreamSession:
     batcher, so concurrent streams share the engine evenly.
     """
 
-    def __init__(self, rt: Runtime, budget: StreamBudget, deadline: float | None) -> None:
+    def __init__(
+        self, rt: Runtime, budget: StreamBudget, deadline: float | None, default_truncate: str
+    ) -> None:
         self._rt = rt
+        self._truncate = default_truncate
         self._deadline = deadline
         self._slots = budget.share()
         # A message never needs more slots than exist, or its reader would wait forever.
@@ -185,7 +188,7 @@ class StreamSession:
                 spec = specs.get(id(item.options))
                 if spec is None:
                     spec = specs[id(item.options)] = rt.validator.options(
-                        wire.request_options(item.options)
+                        wire.request_options(item.options, self._truncate)
                     )
             except Exception as exc:
                 answers.error(item, exc)

@@ -34,13 +34,14 @@ WIRE_ENCODING = {
 }
 
 
-def request_options(opts: pb.EmbedOptions) -> RequestOptions:
+def request_options(opts: pb.EmbedOptions, default_truncate: str) -> RequestOptions:
+    """The options as plain values; TRUNCATE_UNSPECIFIED becomes the server's default."""
     return RequestOptions(
         instruction=opts.instruction,
         prompt_name=opts.prompt_name,
         dimensions=opts.dimensions or None,  # proto3: 0 is unset, the native size
         normalize=opts.normalize if opts.HasField("normalize") else None,
-        truncate=_TRUNCATE_NAMES.get(opts.truncate, str(opts.truncate)),
+        truncate=_TRUNCATE_NAMES.get(opts.truncate, str(opts.truncate)) or default_truncate,
         encoding=_encoding_name(opts.encoding),
         chunk_max_tokens=opts.chunking.max_tokens,
         chunk_overlap_tokens=opts.chunking.overlap_tokens,

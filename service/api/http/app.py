@@ -1,11 +1,19 @@
-"""The HTTP face: OpenAI's /v1/embeddings, a Cohere/Jina-shaped /v1/rerank, /v1/models,
-/health, /openapi.json and /docs, as one Starlette app.
+"""The HTTP face: OpenAI's /v1/embeddings, rerank in Cohere's, Jina's and TEI's shapes,
+/tokenize, /v1/models, /health, /openapi.json and /docs (Swagger UI, served from the
+openapi-ui-bundles package: no CDN), as one Starlette app.
 
 Every route only translates: it checks the key, reads and decodes the body, asks the gate
 for the runtime, and calls the same validation and pipeline as the gRPC face. Failures
 leave through one path (service.api.problems -> errors.error_response), so a message is as
-precise here as on gRPC. A client that disconnects cancels its call, which drops its queued
-work exactly as a cancelled gRPC call does.
+precise here as on gRPC; the protocol's own errors (unknown route, wrong method, slow body)
+have the same OpenAI shape. A client that disconnects cancels its call, which drops its
+queued work exactly as a cancelled gRPC call does.
+
+Inputs over the window are cut (`default_truncate`, "end"; rerank's documents: always "end")
+unless the request says otherwise, because the clients of this face (Open WebUI, Chroma,
+LanceDB) cannot ask and their default chunks overflow small windows. A cut is never silent:
+every /v1/embeddings and rerank answer carries the `x-truncated-inputs` header (0 included),
+and each cut input is flagged `"truncated": true`.
 """
 
 from __future__ import annotations
@@ -15,26 +23,31 @@ import base64
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
 import orjson
+from openapi_ui_bundles import swagger_ui
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from service import postprocess
+from service.api.calls.rerank import RerankCall, rerank
 from service.api.http import schemas
-from service.api.http.errors import error_response
+from service.api.http.errors import error_response, protocol_error
 from service.api.keys import MISSING_KEY_MESSAGE, ApiKeys, presented_key
 from service.api.problems import Kind, Problem, describe
 from service.api.runtime import Gate, Runtime
 from service.api.validation import RequestOptions, ViewOptions
-from service.errors import InvalidInputError, NotReadyError, UnknownModelError
+from service.errors import InvalidInputError, NotReadyError
 from service.pipeline import EmbedOutcome, EmbedSpec, Inputs, Timing, TokenInputs, view_vectors
 from service.telemetry import names
+from service.tokenization import Truncation
 
 S = TypeVar("S", bound=msgspec.Struct)
 
@@ -51,6 +64,8 @@ _NUMBER_DTYPE: dict[postprocess.Encoding, np.dtype[Any]] = {
 }
 _INPUT_TYPES = ("query", "document")
 _INPUT_FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
+# How many inputs (rerank: documents) of the request were cut to fit; sent on every answer.
+TRUNCATED_INPUTS_HEADER = "x-truncated-inputs"
 
 
 def _json(body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -113,12 +128,15 @@ def _timing_headers(t: Timing, started: float) -> dict[str, str]:
     }
 
 
+# Swagger UI's files, served beside the page; validatorUrl null keeps the page from asking
+# swagger.io to validate the document, so nothing leaves the browser's way to this server.
+_SWAGGER_ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js")
 _SWAGGER_PAGE = """<!doctype html>
 <html><head><title>Embedding service API</title><meta charset="utf-8">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css">
+<link rel="stylesheet" href="/docs/swagger-ui.css">
 </head><body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui", validatorUrl: null});</script>
 </body></html>
 """
 
@@ -132,13 +150,17 @@ class HttpApi:
         max_request_bytes: int,
         timing_headers: bool = True,
         version: str = "",
+        default_truncate: str = "end",
+        body_timeout_s: float = 60.0,
     ) -> None:
         self._gate = gate
         self._keys = keys
         self._max_bytes = max_request_bytes
         self._timing_headers = timing_headers
+        self._default_truncate = default_truncate
+        self._body_timeout_s = body_timeout_s
         self._created = int(time.time())
-        self._openapi = orjson.dumps(schemas.openapi(version))
+        self._openapi = orjson.dumps(schemas.openapi(version, default_truncate))
         self._decoders: dict[type, msgspec.json.Decoder[Any]] = {}
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -151,8 +173,9 @@ class HttpApi:
                 await self._idle.wait()
 
     ROUTES = frozenset(
-        {"/v1/embeddings", "/embeddings", "/v1/rerank", "/rerank", "/v1/models", "/health"}
-        | {"/tokenize", "/openapi.json", "/docs"}
+        {"/v1/embeddings", "/embeddings", "/v1/rerank", "/v2/rerank", "/rerank", "/tokenize"}
+        | {"/v1/models", "/health", "/openapi.json", "/docs"}
+        | {f"/docs/{name}" for name in _SWAGGER_ASSETS}
     )
 
     def app(self) -> Starlette:
@@ -160,7 +183,7 @@ class HttpApi:
             Route(path, self._route(handler, body), methods=["POST"])
             for paths, handler, body in (
                 (("/v1/embeddings", "/embeddings"), self._embeddings, schemas.EmbeddingsRequest),
-                (("/v1/rerank", "/rerank"), self._rerank, schemas.RerankRequest),
+                (("/v1/rerank", "/v2/rerank", "/rerank"), self._rerank, schemas.RerankRequest),
                 (("/tokenize",), self._tokenize, schemas.TokenizeRequest),
             )
             for path in paths
@@ -171,7 +194,30 @@ class HttpApi:
             Route("/openapi.json", self._openapi_json, methods=["GET"]),
             Route("/docs", self._docs, methods=["GET"]),
         ]
-        return Starlette(routes=routes)
+        routes += [
+            Route(f"/docs/{name}", _asset(name), methods=["GET"]) for name in _SWAGGER_ASSETS
+        ]
+        listing = ", ".join(
+            f"{'/'.join(sorted((r.methods or set()) - {'HEAD'}))} {r.path}" for r in routes
+        )
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            """Starlette's own refusals (no route, wrong method) in the face's error shape."""
+            assert isinstance(exc, HTTPException)
+            asked = f"{request.method} {request.url.path}"
+            if exc.status_code == 404:
+                return protocol_error(404, f"no route for {asked}; the routes are {listing}")
+            if exc.status_code == 405:
+                allowed = (exc.headers or {}).get("Allow", "")
+                message = f"{asked}: method not allowed; this route takes {allowed}"
+                return protocol_error(405, message, exc.headers)
+            return protocol_error(exc.status_code, f"{asked}: {exc.detail}", exc.headers)
+
+        async def server_error(request: Request, exc: Exception) -> Response:
+            return protocol_error(500, "internal server error (logged by the server)")
+
+        handlers = {HTTPException: http_error, Exception: server_error}
+        return Starlette(routes=routes, exception_handlers=handlers)
 
     # ------------------------------------------------------------------ open routes
 
@@ -209,8 +255,10 @@ class HttpApi:
                 return await _until_disconnect(request, handler(rt, decoded))
             except asyncio.CancelledError:
                 raise
+            except _Refusal as exc:
+                return exc.response
             except Exception as exc:
-                return error_response(exc.problem if isinstance(exc, _Refusal) else describe(exc))
+                return error_response(describe(exc))
             finally:
                 self._inflight -= 1
                 if not self._inflight:
@@ -226,23 +274,37 @@ class HttpApi:
             [(k, headers[k]) for k in ("x-api-key", "authorization") if k in headers]
         )
         if not self._keys.accepts(presented):
-            raise _Refusal(Problem(Kind.UNAUTHENTICATED, MISSING_KEY_MESSAGE))
+            raise _Refusal(error_response(Problem(Kind.UNAUTHENTICATED, MISSING_KEY_MESSAGE)))
 
     async def _read(self, request: Request) -> bytes:
+        """The body, whole within the size limit (413) and the body timeout (408; the
+        connection is closed, its unread rest never parsed)."""
         limit = self._max_bytes
         too_large = _Refusal(
-            Problem(Kind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+            error_response(
+                Problem(Kind.TOO_LARGE, f"request body exceeds the limit of {limit} bytes")
+            )
         )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_large
         chunks = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self._body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            message = (
+                f"the request body did not arrive within {self._body_timeout_s:g}s"
+                f" ({size} bytes came)"
+            )
+            raise _Refusal(protocol_error(408, message, {"connection": "close"})) from None
+        except ClientDisconnect:  # gone half-way through its body: nobody to answer
+            raise _Refusal(Response(status_code=CLIENT_GONE)) from None
         return b"".join(chunks)
 
     def _decode(self, body: bytes | None, body_type: type[S]) -> S:
@@ -257,16 +319,11 @@ class HttpApi:
             raise _invalid("", f"request body is not valid JSON: {exc}") from None
         return decoded
 
-    @staticmethod
-    def _check_model(rt: Runtime, asked: str | None) -> None:
-        if asked is not None and asked != rt.info.model_name:
-            raise UnknownModelError(asked, rt.info.model_name)
-
     # ------------------------------------------------------------------- embeddings
 
     async def _embeddings(self, rt: Runtime, req: schemas.EmbeddingsRequest) -> Response:
         started = time.perf_counter()
-        self._check_model(rt, req.model)
+        rt.check_model(req.model)
         if req.input is msgspec.UNSET:
             raise _invalid("input", "is required")
         if req.encoding_format not in ("float", "base64"):
@@ -285,7 +342,7 @@ class HttpApi:
             prompt_name=_prompt_name(rt, req),
             dimensions=req.dimensions,
             normalize=req.normalize,
-            truncate=req.truncate or "",
+            truncate=req.truncate or self._default_truncate,
             encoding=req.encoding or "",
             chunk_max_tokens=chunking.max_tokens if chunking else 0,
             chunk_overlap_tokens=chunking.overlap_tokens if chunking else 0,
@@ -294,6 +351,10 @@ class HttpApi:
         spec = rt.validator.options(opts, prefix="", token_inputs=tokens)
         outcome = await rt.embedder.embed(inputs, spec, "input", None)
         data = _data(outcome, spec, req.encoding_format == "base64")
+        truncated = [t.truncated for t in outcome.inputs]
+        for item, cut in zip(data, truncated, strict=True):
+            if cut:
+                item["truncated"] = True
         n = outcome.prompt_tokens
         body = {
             "object": "list",
@@ -301,56 +362,75 @@ class HttpApi:
             "model": rt.info.model_name,
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
-        headers = _timing_headers(outcome.timing, started) if self._timing_headers else None
-        return _json(body, headers)
+        return _json(body, self._headers(sum(truncated), outcome.timing, started))
+
+    def _headers(self, truncated: int, timing: Timing, started: float) -> dict[str, str]:
+        headers = _timing_headers(timing, started) if self._timing_headers else {}
+        headers[TRUNCATED_INPUTS_HEADER] = str(truncated)
+        return headers
 
     # ----------------------------------------------------------------------- rerank
 
     async def _rerank(self, rt: Runtime, req: schemas.RerankRequest) -> Response:
+        """Every rerank route and shape: Cohere's and Jina's `documents`, TEI's `texts`."""
         started = time.perf_counter()
-        self._check_model(rt, req.model)
-        v = rt.validator
-        docs = [d if isinstance(d, str) else d.text for d in req.documents]
-        v.text(req.query, "query")
-        v.texts(docs, "documents")
-        v.count(1 + len(docs), "query+documents", "texts")
-        if req.top_n is not None and req.top_n < 1:
-            raise _invalid("top_n", f"must be at least 1, not {req.top_n}")
-        # The query is a query: it gets the model's query prompt unless told otherwise.
-        prompt = req.prompt_name or ("" if req.instruction else v.query_prompt_name)
-        opts = RequestOptions(
-            instruction=req.instruction or "", prompt_name=prompt, truncate=req.truncate or ""
+        shape = _RerankShape.of(req)
+        for name, value in (("top_n", req.top_n), ("max_tokens_per_doc", req.max_tokens_per_doc)):
+            if value is not None and value < 1:
+                raise _invalid(name, f"must be at least 1, not {value}")
+        # Documents are cut at the end unless the caller asks otherwise, whatever the
+        # server's default for embeddings: real ones overflow small windows, and a reranker
+        # that refuses one fails the whole search (Open WebUI's does).
+        truncate = _truncate_name(req.truncate)
+        if truncate not in ("", Truncation.END.value, Truncation.REFUSE.value):
+            raise _invalid("truncate", f"{truncate!r} does not apply to rerank (end or refuse)")
+        answer = await rerank(
+            rt,
+            RerankCall(
+                query=req.query,
+                documents=shape.documents,
+                top_k=req.top_n or len(shape.documents),
+                instruction=req.instruction or "",
+                prompt_name=req.prompt_name or "",
+                max_tokens_per_doc=req.max_tokens_per_doc or 0,
+                refuse_long_documents=truncate == Truncation.REFUSE.value,
+                model=req.model,
+                documents_field=shape.field,
+            ),
         )
-        spec = v.options(opts, prefix="")
-        outcome = await rt.embedder.similarity(
-            [req.query], docs, spec, None, fields=("query", "documents")
-        )
-        order, scores = postprocess.top_k(outcome.scores, req.top_n or len(docs))
         results = []
-        for index, score in zip(order[0].tolist(), scores[0].tolist(), strict=True):
-            result: dict[str, Any] = {"index": index, "relevance_score": score}
-            if req.return_documents:
-                result["document"] = {"text": docs[index]}
+        for ranked in answer.results:
+            score = ranked.raw if req.raw_scores else ranked.relevance
+            result: dict[str, Any] = {"index": ranked.index, shape.score_key: score}
+            if shape.with_text:
+                text = shape.documents[ranked.index]
+                result[shape.text_key] = text if shape.tei else {"text": text}
+            if ranked.truncated:
+                result["truncated"] = True
             results.append(result)
-        n = outcome.prompt_tokens
+        headers = self._headers(answer.truncated, answer.timing, started)
+        if shape.tei:
+            return _json(results, headers)
+        n = answer.prompt_tokens
         body = {
             "results": results,
-            "model": rt.info.model_name,
+            "model": answer.model,
             "usage": {"prompt_tokens": n, "total_tokens": n},
+            "score_kind": answer.kind.value,
+            "score_formula": schemas.SCORE_FORMULAS[answer.kind.value, req.raw_scores],
         }
-        headers = _timing_headers(outcome.timing, started) if self._timing_headers else None
         return _json(body, headers)
 
     # --------------------------------------------------------------------- tokenize
 
     async def _tokenize(self, rt: Runtime, req: schemas.TokenizeRequest) -> Response:
-        self._check_model(rt, req.model)
+        rt.check_model(req.model)
         texts = [req.input] if isinstance(req.input, str) else req.input
         rt.validator.texts(texts, "input")
         opts = RequestOptions(
             instruction=req.instruction or "",
             prompt_name=_prompt_name(rt, req),
-            truncate=req.truncate or "",
+            truncate=req.truncate or self._default_truncate,
         )
         spec = rt.validator.options(opts, prefix="")
         results = await rt.embedder.tokenize(texts, spec, "input")
@@ -369,14 +449,24 @@ class HttpApi:
     # ----------------------------------------------------------------------- models
 
     async def _models(self, rt: Runtime, _: None) -> Response:
-        card = {
-            "id": rt.info.model_name,
-            "object": "model",
-            "created": self._created,
-            "owned_by": "embedding-service",
-            "max_model_len": rt.info.max_input_tokens,
-        }
-        return _json({"object": "list", "data": [card]})
+        """One card per name each model answers to (as vLLM lists its served names), the
+        embedding model's first, with its kind: "embed" or "score" (a reranker)."""
+        models = [(rt.model_names, "embed", rt.info.max_input_tokens)]
+        if rt.scorer is not None:
+            models.append((rt.scorer.names, "score", rt.scorer.info.max_input_tokens))
+        cards = [
+            {
+                "id": name,
+                "object": "model",
+                "created": self._created,
+                "owned_by": "embedding-service",
+                "max_model_len": window,
+                "kind": kind,
+            }
+            for names, kind, window in models
+            for name in names
+        ]
+        return _json({"object": "list", "data": cards})
 
 
 def _prompt_name(rt: Runtime, req: schemas.EmbeddingsRequest | schemas.TokenizeRequest) -> str:
@@ -388,6 +478,56 @@ def _prompt_name(rt: Runtime, req: schemas.EmbeddingsRequest | schemas.TokenizeR
     if req.instruction or req.prompt_name:
         raise _invalid("input_type", "set input_type, instruction or prompt_name, not two")
     return rt.validator.query_prompt_name if req.input_type == "query" else ""
+
+
+@dataclass(frozen=True)
+class _RerankShape:
+    """What a rerank request's fields say about the answer's shape."""
+
+    tei: bool  # TEI's `texts`, answered by a bare array; else Cohere's/Jina's `documents`
+    documents: list[str]
+    with_text: bool
+    field: str  # where the documents came from, for error messages
+
+    @property
+    def score_key(self) -> str:
+        return "score" if self.tei else "relevance_score"
+
+    @property
+    def text_key(self) -> str:
+        return "text" if self.tei else "document"
+
+    @classmethod
+    def of(cls, req: schemas.RerankRequest) -> _RerankShape:
+        """Told by the fields sent; a field of the other shape is refused, since the answer
+        could not honour it."""
+        if req.texts is not None:
+            if req.documents is not None:
+                raise _invalid("texts", "send documents (Cohere, Jina) or texts (TEI), not both")
+            if req.return_documents is not None:
+                raise _invalid(
+                    "return_documents",
+                    "belongs to the documents shape (Cohere, Jina); with texts (TEI) send"
+                    " return_text",
+                )
+            return cls(True, req.texts, bool(req.return_text), "texts")
+        if req.documents is None:
+            raise _invalid("documents", "is required (or texts, in TEI's shape)")
+        if req.return_text is not None:
+            raise _invalid(
+                "return_text",
+                "belongs to the texts shape (TEI); with documents (Cohere, Jina) send"
+                " return_documents",
+            )
+        docs = [d if isinstance(d, str) else d.text for d in req.documents]
+        return cls(False, docs, bool(req.return_documents), "documents")
+
+
+def _truncate_name(value: str | bool | None) -> str:
+    """`truncate` as one of our names: TEI sends a boolean; "" when not sent."""
+    if isinstance(value, bool):
+        return Truncation.END.value if value else Truncation.REFUSE.value
+    return value or ""
 
 
 def _data(outcome: EmbedOutcome, spec: EmbedSpec, as_base64: bool) -> list[dict[str, Any]]:
@@ -434,11 +574,20 @@ def _vectors(
 
 
 class _Refusal(Exception):
-    """A face-level refusal (auth, body size) that is already a Problem."""
+    """A face-level refusal (auth, body size, slow body), already answered."""
 
-    def __init__(self, problem: Problem) -> None:
-        super().__init__(problem.message)
-        self.problem = problem
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _asset(name: str) -> Callable[[Request], Awaitable[Response]]:
+    path = swagger_ui.static_path / name
+
+    async def serve(request: Request) -> Response:
+        return FileResponse(path)
+
+    return serve
 
 
 async def _until_disconnect(request: Request, call: Awaitable[Response]) -> Response:

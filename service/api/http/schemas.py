@@ -12,7 +12,7 @@ fields (the openai SDK's `extra_body`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -66,20 +66,28 @@ class TextDocument(msgspec.Struct):
 
 
 class RerankRequest(msgspec.Struct, kw_only=True):
-    """POST /v1/rerank, in the Cohere/Jina shape."""
+    """POST /v1/rerank, /v2/rerank, /rerank: Cohere's or Jina's `documents`, or TEI's `texts`."""
 
     query: str
-    documents: list[str | TextDocument]
+    documents: list[str | TextDocument] | None = None  # Cohere, Jina
+    texts: list[str] | None = None  # TEI
     model: str | None = None
     top_n: int | None = None
-    return_documents: bool = False
+    return_documents: bool | None = None  # Cohere, Jina
+    max_tokens_per_doc: int | None = None  # Cohere
+    return_text: bool | None = None  # TEI
+    raw_scores: bool = False  # TEI
+    # Ours, or TEI's boolean (true: end, false: refuse).
+    truncate: str | bool | None = None
     # Extensions: the query's instruction or prompt (the model's query prompt by default).
     instruction: str | None = None
     prompt_name: str | None = None
-    truncate: str | None = None
 
 
 # ------------------------------------------------------------- responses (documentation)
+
+
+_TRUNCATED = "extension: true when the input was cut to fit the window; absent when whole"
 
 
 class EmbeddingData(msgspec.Struct):
@@ -92,6 +100,7 @@ class EmbeddingData(msgspec.Struct):
     scale: float | None = None
     views: list[ViewData] | None = None  # one per asked view, in order
     chunks: list[ChunkData] | None = None  # with chunking: the input's chunks in text order
+    truncated: Annotated[bool | None, msgspec.Meta(description=_TRUNCATED)] = None
 
 
 class ViewData(msgspec.Struct):
@@ -138,16 +147,53 @@ class EmbeddingsResponse(msgspec.Struct):
     usage: Usage
 
 
+# What relevance_score is made of, by score_kind, and as what raw_scores gives instead.
+SCORE_FORMULAS = {
+    ("cross-encoder", False): "sigmoid(logit)",
+    ("cross-encoder", True): "logit",
+    ("cosine", False): "(1 + cosine) / 2",
+    ("cosine", True): "cosine",
+}
+_SCORE = (
+    "in [0, 1]: a cross-encoder's probability that the document answers the query"
+    " (sigmoid of its logit; Qwen3-Reranker: P(yes)), or, when the server runs no rerank"
+    " model, (1 + cosine) / 2 of the query's and the document's embeddings; with raw_scores,"
+    " the logit or the cosine itself"
+)
+_DOC_TRUNCATED = "true when the document was cut to fit (the window or max_tokens_per_doc)"
+
+
 class RerankResult(msgspec.Struct):
     index: int
-    relevance_score: float
-    document: TextDocument | None = None
+    relevance_score: Annotated[float, msgspec.Meta(description=_SCORE)]
+    document: TextDocument | None = None  # with return_documents
+    truncated: Annotated[bool | None, msgspec.Meta(description=_DOC_TRUNCATED)] = None
 
 
 class RerankResponse(msgspec.Struct):
-    results: list[RerankResult]
+    results: list[RerankResult]  # best first, top_n of them
     model: str
     usage: Usage
+    score_kind: Annotated[
+        Literal["cross-encoder", "cosine"],
+        msgspec.Meta(
+            description="what ranked: a cross-encoder reading query and document together,"
+            " or the cosine of two embeddings (no rerank model served)"
+        ),
+    ]
+    score_formula: Annotated[
+        Literal["sigmoid(logit)", "logit", "(1 + cosine) / 2", "cosine"],
+        msgspec.Meta(description="how relevance_score was made (raw_scores: the raw score)"),
+    ]
+
+
+class TeiRank(msgspec.Struct):
+    """One item of TEI's answer, a JSON array best first."""
+
+    index: int
+    score: Annotated[float, msgspec.Meta(description=_SCORE)]
+    text: str | None = None  # with return_text
+    truncated: Annotated[bool | None, msgspec.Meta(description=_DOC_TRUNCATED)] = None
 
 
 class ModelCard(msgspec.Struct):
@@ -156,6 +202,10 @@ class ModelCard(msgspec.Struct):
     created: int
     owned_by: str
     max_model_len: int
+    kind: Annotated[
+        Literal["embed", "score"],
+        msgspec.Meta(description="extension: an embedding model, or a reranker (rerank routes)"),
+    ]
 
 
 class ModelList(msgspec.Struct):
@@ -186,11 +236,16 @@ _INPUT_SCHEMA = {
     "description": "texts, or token ids of the model's own tokenizer (special tokens included)",
 }
 
+_TRUNCATE = (
+    "refuse, end or start: what an input over the window gets (default here: {default}; a"
+    " cut input is flagged `truncated` and counted in the x-truncated-inputs header)"
+)
+
 _EXTENSIONS = {
     "instruction": "task description for queries, laid out the model's way (Qwen3)",
     "prompt_name": "a named prompt of the model's sentence-transformers config",
     "input_type": "query (the model's query prompt) or document (as is)",
-    "truncate": "refuse (default), end or start: what to do with inputs over the window",
+    "truncate": _TRUNCATE,
     "normalize": "L2-normalize the vector (default true)",
     "encoding": "float32 (default), float16, int8 (with scale) or binary (packed bits)",
     "chunking": "split each input into chunks of at most max_tokens tokens (prefix and special"
@@ -201,10 +256,35 @@ _EXTENSIONS = {
     " `views`, one per {dimensions, encoding} asked, in order",
 }
 
+_RERANK_FIELDS = {
+    "documents": "Cohere and Jina: the texts to rank, as strings or {text}",
+    "texts": "TEI: the texts to rank; the answer is then TEI's array of {index, score, text}",
+    "top_n": "answer only the best top_n (default: all)",
+    "return_documents": "Cohere and Jina: give each result its document's text",
+    "return_text": "TEI: give each result its text",
+    "max_tokens_per_doc": "Cohere: cut each document to this many tokens (special tokens"
+    " included); documents are cut to the window in any case",
+    "raw_scores": "TEI's, taken in both shapes: the cosine itself, in [-1, 1], instead of"
+    " (1 + cosine) / 2",
+    "truncate": "what a document over the window (or max_tokens_per_doc) gets: end (the"
+    " default, whatever the server's default for embeddings), start or refuse, or TEI's true"
+    " (end) and false (refuse). The query is never cut: one over the window is refused",
+    "instruction": "extension: task description laid before the query (Qwen3)",
+    "prompt_name": "extension: a named prompt for the query (default: the model's query prompt)",
+}
 
-def openapi(version: str) -> dict[str, Any]:
+_RERANK_SUMMARY = (
+    "Rank documents by the cosine of their embeddings with the query's (a bi-encoder, not a"
+    " cross-encoder). Cohere v1/v2 and Jina send `documents` and get {results, model, usage,"
+    " score_kind, score_formula}; TEI sends `texts` and gets an array. relevance_score (TEI:"
+    " score) is (1 + cosine) / 2, in [0, 1]. Documents over the window are cut to fit, the"
+    " query never is."
+)
+
+
+def openapi(version: str, default_truncate: str = "end") -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route."""
-    structs = [EmbeddingsRequest, EmbeddingsResponse, RerankRequest, RerankResponse]
+    structs = [EmbeddingsRequest, EmbeddingsResponse, RerankRequest, RerankResponse, TeiRank]
     structs += [TokenizeRequest, TokenizeResponse]
     (_, components) = msgspec.json.schema_components(
         [*structs, ModelList, ErrorBody], ref_template="#/components/schemas/{name}"
@@ -213,47 +293,64 @@ def openapi(version: str) -> dict[str, Any]:
     request["properties"]["input"] = _INPUT_SCHEMA
     request["required"] = ["input"]
     for name, text in _EXTENSIONS.items():
-        request["properties"][name]["description"] = f"extension: {text}"
+        description = text.format(default=default_truncate) if name == "truncate" else text
+        request["properties"][name]["description"] = f"extension: {description}"
+    rerank_request = components["RerankRequest"]["properties"]
+    for name, text in _RERANK_FIELDS.items():
+        rerank_request[name]["description"] = text
 
     def ref(name: str) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{name}"}
 
-    def json_body(name: str) -> dict[str, Any]:
-        return {"content": {"application/json": {"schema": ref(name)}}}
+    def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"content": {"application/json": {"schema": schema}}}
 
     errors = {
-        str(code): {"description": text, **json_body("ErrorBody")}
+        str(code): {"description": text, **json_body(ref("ErrorBody"))}
         for code, text in (
             (400, "invalid request (the message names the field, the index and the limit)"),
             (401, "missing or wrong API key"),
-            (404, "unknown model"),
+            (404, "unknown model (the message lists the served names) or unknown route"),
+            (405, "method not allowed on this route (the message names the allowed ones)"),
+            (408, "the request body did not arrive within the server's body timeout"),
             (413, "body over the size limit"),
             (429, "queue full; retry after the Retry-After header"),
-            (503, "loading, draining or engine failure; retry after Retry-After"),
+            (503, "loading, draining, engine failure or too many connections; retry"),
         )
     }
+    truncated_header = {
+        "x-truncated-inputs": {
+            "description": "how many inputs (rerank: documents) were cut to fit; always sent",
+            "schema": {"type": "integer"},
+        }
+    }
 
-    def post(summary: str, request_name: str, response_name: str) -> dict[str, Any]:
+    def post(summary: str, request_name: str, answer: dict[str, Any]) -> dict[str, Any]:
+        ok: dict[str, Any] = {"description": "OK", **json_body(answer)}
+        if request_name != "TokenizeRequest":
+            ok["headers"] = truncated_header
         return {
             "post": {
                 "summary": summary,
-                "requestBody": {"required": True, **json_body(request_name)},
-                "responses": {"200": {"description": "OK", **json_body(response_name)}, **errors},
+                "requestBody": {"required": True, **json_body(ref(request_name))},
+                "responses": {"200": ok, **errors},
             }
         }
 
-    embeddings = post("Embed texts or token ids", "EmbeddingsRequest", "EmbeddingsResponse")
-    rerank = post(
-        "Rank documents by cosine similarity to the query (a bi-encoder, not a cross-encoder)",
-        "RerankRequest",
-        "RerankResponse",
-    )
+    embeddings = post("Embed texts or token ids", "EmbeddingsRequest", ref("EmbeddingsResponse"))
+    rerank_answer = {"oneOf": [ref("RerankResponse"), {"type": "array", "items": ref("TeiRank")}]}
+    rerank = post(_RERANK_SUMMARY, "RerankRequest", rerank_answer)
     tokenize = post(
         "The token ids /v1/embeddings would send the engine, with their spans in the text",
         "TokenizeRequest",
-        "TokenizeResponse",
+        ref("TokenizeResponse"),
     )
-    models = {"get": {"summary": "The served model", "responses": {"200": json_body("ModelList")}}}
+    models = {
+        "get": {
+            "summary": "The served model, one card per name it answers to",
+            "responses": {"200": json_body(ref("ModelList"))},
+        }
+    }
     health = {
         "get": {
             "summary": "200 while serving; 503 while loading, draining or after engine failure",
@@ -266,6 +363,8 @@ def openapi(version: str) -> dict[str, Any]:
         "paths": {
             "/v1/embeddings": embeddings,
             "/v1/rerank": rerank,
+            "/v2/rerank": rerank,
+            "/rerank": rerank,
             "/tokenize": tokenize,
             "/v1/models": models,
             "/health": health,

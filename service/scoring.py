@@ -1,0 +1,104 @@
+"""One rerank job: (query, document) pairs -> the rerank model's batcher -> one logit each.
+
+A cross-encoder reads each pair together, so a rerank of N documents is N engine items.
+They go through the rerank model's own batcher as interactive items: the same queue
+bounds, priorities and deadlines as embeddings, and a caller that leaves drops its queued
+pairs. Scores are never cached: a pair is rarely asked twice, and the vector cache keys
+single inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from service.batching import Batcher, Priority
+from service.errors import INPUT_TOO_LONG, TOO_MANY_TOKENS, InvalidInputError
+from service.pair_tokenization import PairTokenizer
+from service.pipeline import (
+    NoStages,
+    StageObserver,
+    Timing,
+    check_deadline,
+    gather_items,
+    timing_of,
+)
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    logits: npt.NDArray[np.float32]  # one per document, in document order
+    truncated: list[bool]  # per document: cut to fit beside the query
+    prompt_tokens: int
+    timing: Timing
+
+
+class Reranker:
+    def __init__(
+        self,
+        pairs: PairTokenizer,
+        batcher: Batcher,
+        max_request_tokens: int,
+        stages: StageObserver | None = None,
+    ) -> None:
+        self._pairs = pairs
+        self._batcher = batcher
+        self._max_request_tokens = max_request_tokens
+        self._stages: StageObserver = stages or NoStages()
+
+    @property
+    def default_instruction(self) -> str:
+        return self._pairs.default_instruction
+
+    async def score(
+        self,
+        query: str,
+        documents: Sequence[str],
+        *,
+        instruction: str,
+        max_tokens_per_doc: int,
+        refuse_long_documents: bool,
+        field: str,
+        deadline: float | None,
+    ) -> ScoreOutcome:
+        check_deadline(self._batcher, deadline)
+        stages = self._stages
+        started = time.perf_counter()
+        with stages.stage("tokenize"):
+            inputs = await self._pairs.pairs(
+                query, documents, instruction=instruction, max_tokens_per_doc=max_tokens_per_doc
+            )
+        tokenize_s = time.perf_counter() - started
+        if refuse_long_documents:
+            cut = next((i for i, pair in enumerate(inputs) if pair.truncated), None)
+            if cut is not None:
+                limit = max_tokens_per_doc or self._pairs.max_tokens
+                raise InvalidInputError(
+                    f"{field}[{cut}]",
+                    f"does not fit beside the query in the limit of {limit} tokens; leave"
+                    " truncate unset (or end) to have it cut",
+                    INPUT_TOO_LONG,
+                )
+        stages.tokenized(inputs)
+        total = sum(len(t.ids) for t in inputs)
+        if total > self._max_request_tokens:
+            raise InvalidInputError(
+                field,
+                f"{total} tokens in the query-document pairs exceed the limit of "
+                f"{self._max_request_tokens} per request",
+                TOO_MANY_TOKENS,
+            )
+        submitted_ns = time.time_ns()
+        futures = self._batcher.submit(
+            [t.ids for t in inputs], Priority.INTERACTIVE, deadline, stages.caller()
+        )
+        results = await gather_items(futures)
+        stages.batched(submitted_ns, results)
+        logits = np.array([r.vector[0] for r in results], dtype=np.float32)
+        return ScoreOutcome(
+            logits, [t.truncated for t in inputs], total, timing_of(tokenize_s, results)
+        )
