@@ -45,9 +45,11 @@ def test_a_setting_the_engine_refuses_is_one_line_naming_the_flag(tmp_path: Path
     lines = log.read_text().splitlines()
     errors = [line for line in lines if "cannot start" in line]
     assert len(errors) == 1, lines
+    # The line names the model whose engine refused, then the flag and the values it takes.
     assert errors[0].endswith(
-        "cannot start: the engine refused its settings: --dtype 'float13' is not accepted: use"
-        " one of 'auto', 'half', 'float16', 'bfloat16', 'float' or 'float32'"
+        "cannot start: sentence-transformers/all-MiniLM-L6-v2: the engine refused its settings:"
+        " --dtype 'float13' is not accepted: use one of 'auto', 'half', 'float16', 'bfloat16',"
+        " 'float' or 'float32'"
     )
     assert not any("validation error" in line or "pydantic" in line for line in lines)
 
