@@ -18,7 +18,7 @@ CONSTRAINTS := $(wildcard constraints-$(ENGINE).txt)
 $(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(addprefix -c ,$(CONSTRAINTS)) -e './client[cli,pdf]' -e '.[$(ENGINE),dev]'
+	$(PY) -m pip install --quiet $(addprefix -c ,$(CONSTRAINTS)) -e './client[cli,pdf,docx,html]' -e '.[$(ENGINE),dev]'
 	# Typing stubs for google.rpc; without --no-deps it drags in the outdated grpc-stubs,
 	# which shadows types-grpcio.
 	$(PY) -m pip install --quiet --no-deps googleapis-common-protos-stubs==2.3.1
@@ -53,7 +53,7 @@ KUSTOMIZATIONS = $(patsubst %/kustomization.yaml,%,$(shell grep -L -x 'kind: Com
 
 deploy-check: install
 	$(VENV)/bin/yamllint --strict -c deploy/.yamllint.yaml deploy
-	$(VENV)/bin/hadolint --failure-threshold style deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.gpu
+	$(VENV)/bin/hadolint --failure-threshold style deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.gpu deploy/docker/Dockerfile.client
 	rm -rf $(RENDERED) && mkdir -p $(RENDERED)
 	set -e; for k in $(KUSTOMIZATIONS); do \
 		$(VENV)/bin/kubectl kustomize $$k > $(RENDERED)/$$(echo $${k#deploy/k8s/} | tr / -).yaml; \
@@ -66,7 +66,8 @@ deploy-check: install
 soak: install
 	$(PY) -m pytest -m soak -s tests/integration/test_soak.py
 
-# Every scenario of benchmarks/README.md side by side: about 25 minutes on 2 cores.
+# Every scenario of benchmarks/README.md side by side: about 25 minutes on 2 cores, plus
+# about 3.5 for rerank.
 BENCH_OUT ?= benchmarks/results/latest
 BENCH_ARGS ?=
 bench: install

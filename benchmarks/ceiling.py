@@ -1,6 +1,6 @@
 """Scenario 1, the engine ceiling: the service's own vLLM engine with no server in front.
 
-The engine is built exactly as the service builds it (service.server.load_vllm_engine, from
+The engine is built exactly as the service builds it (service.engines.loading.load_vllm, from
 the same ServiceConfig), the corpus is tokenized beforehand with the service's tokenizer,
 and the token ids go in as large batches, several in flight, so the engine never waits for
 work. What it reaches is the most any server in front of this engine could.
@@ -25,8 +25,9 @@ from pathlib import Path
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
 from service.config import ServiceConfig, load_config
+from service.engines.loading import load_vllm
 from service.model_card import resolve_model_path
-from service.server import load_vllm_engine, served_names
+from service.server import served_names
 from service.tokenization import TextTokenizer, Truncation
 
 BATCH = 256  # sequences per engine call
@@ -35,7 +36,7 @@ INFLIGHT = 4  # engine calls outstanding
 
 async def _drive(config: ServiceConfig, kind: str, texts: Sequence[str], seconds: float) -> Point:
     path = resolve_model_path(config.model)
-    engine = await asyncio.to_thread(load_vllm_engine, config, path, served_names(config)[0])
+    engine = await asyncio.to_thread(load_vllm, config, path, served_names(config)[0])
     try:
         batches = _token_batches(path, engine.info.max_input_tokens, kind, texts)
         await engine.embed(batches[0][:8])  # first-call costs stay out of the timing

@@ -195,6 +195,44 @@ def defaults_table(results: Row) -> list[str]:
     return _table(header, rows)
 
 
+def rerank_table(results: Row) -> list[str]:
+    """Scenario 7: 1 query x 20 documents per call, each server at each concurrency."""
+    rerank: Row = results.get("rerank", {})
+    servers = [(k, n) for k, n in SERVERS if k in rerank]
+    if not servers:
+        return []
+    header = ["concurrent calls", "server", "pairs/s", "p50 / p95 ms", "errors"]
+    header += ["tokens / pair", "serving CPU-s / 1,000 pairs", "pairs/s / vLLM", "CPU / vLLM"]
+    rows = []
+    for c in next(iter(rerank[k] for k, _ in servers)):
+        base = rerank.get("vllm", {}).get(c, {})
+        for server, name in servers:
+            p = rerank[server].get(c, {})
+            cpu = p.get("cpu_s_per_1000_pairs")
+            rate = p.get("pairs_per_s")
+            versus = (
+                ["", ""]
+                if server == "vllm"
+                else [
+                    _f(_ratio(rate, base.get("pairs_per_s")), 2),
+                    _f(_ratio(cpu, base.get("cpu_s_per_1000_pairs")), 2),
+                ]
+            )
+            rows.append(
+                [
+                    c,
+                    name,
+                    _f(rate),
+                    f"{_f(p.get('p50_ms'))} / {_f(p.get('p95_ms'))}",
+                    str(p.get("errors", "-")),
+                    _f(_ratio(p.get("tokens"), p.get("pairs")), 1),
+                    _f(cpu, 3),
+                    *versus,
+                ]
+            )
+    return _table(header, rows)
+
+
 def null_table(results: Row) -> list[str]:
     header = ["load", "telemetry", "texts/s", "server µs / text", "texts per server CPU-s"]
     header += ["throughput cost", "CPU cost"]
@@ -315,6 +353,21 @@ def markdown(results: Row) -> str:
             " Zipf row), vLLM's server with the model and the pooling runner only.",
             "",
             *defaults_table(results),
+        ]
+    if "rerank" in results:
+        meta = results["rerank"].get("meta", {})
+        lines += [
+            "## Rerank: cross-encoder, the service against vLLM's /rerank",
+            "",
+            f"A tiny random-weight BERT cross-encoder (window {meta.get('window')} tokens) on"
+            " both servers with the same engine settings; every call is 1 query and"
+            f" {meta.get('documents_per_request')} documents, different in every call, that fit"
+            " the window together (nothing cut or refused). HTTP: Cohere's /v1/rerank, the same"
+            " body to both; gRPC: the service's Rerank. Serving CPU: the serving process only,"
+            " not vLLM's engine core (the service's process also holds its idle embedding"
+            " engine's client).",
+            "",
+            *rerank_table(results),
         ]
     if "null_engine" in results:
         lines += ["## Front end alone (null engine)", "", *null_table(results)]

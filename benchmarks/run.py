@@ -7,7 +7,10 @@
    query latency idle, then while a bulk load saturates the engine), sporadic single calls
    during a bulk load, and a small bulk job started behind a large one;
 4. the serving path's CPU seconds per 1,000 texts, measured on every point above;
-5. the null-engine front end (benchmarks/null_engine.py), with tracing off and on.
+5. the null-engine front end (benchmarks/null_engine.py), with tracing off and on;
+   (6 is the GPU run, benchmarks/gpu.py, not part of this one)
+7. rerank (benchmarks/rerank.py): the service's cross-encoder against vLLM's own /rerank,
+   pairs/s and serving CPU per 1,000 pairs at 1, 16 and 64 concurrent 20-document calls.
 
 Writes result.json, report.md and PNG plots into --out. Engine settings come from the
 service's own flags after `--`, for example:
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import load, report
+from benchmarks import load, report, rerank
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
 from benchmarks.servers import (
@@ -400,6 +403,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="a corpus JSON file (default: built here)")
     parser.add_argument("--seconds", type=float, default=12.0, help="measured time per point")
     parser.add_argument("--concurrency", default="1,16,64,256")
+    parser.add_argument(
+        "--rerank-concurrency",
+        default=",".join(map(str, rerank.CONCURRENCIES)),
+        help="concurrent 20-document rerank calls per point",
+    )
     parser.add_argument("--mix-callers", type=int, default=2)
     parser.add_argument("--http-bulk-workers", type=int, default=4)
     parser.add_argument(
@@ -408,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-limit", type=int, default=0, help="0: the whole corpus")
     parser.add_argument(
         "--only",
-        default="ceiling,service,vllm,defaults,null",
+        default="ceiling,service,vllm,defaults,rerank,null",
         help="comma-separated scenarios",
     )
     args, service_args = parser.parse_known_args(argv)
@@ -420,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     config = load_config(service_args)
     plan = Plan.from_args(args)
+    rerank_concurrency = tuple(int(c) for c in args.rerank_concurrency.split(","))
     only = set(args.only.split(","))
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -431,6 +440,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ceiling": lambda: {k: run_ceiling(k, plan, service_args, out) for k in corpus.kinds},
         "servers": lambda: asyncio.run(run_servers(service_args, config, corpus, plan, out)),
         "defaults": lambda: asyncio.run(run_defaults(config, corpus, plan, out)),
+        "rerank": lambda: asyncio.run(
+            rerank.run(
+                service_args,
+                corpus,
+                out,
+                seconds=plan.seconds,
+                concurrencies=rerank_concurrency,
+                log=_log,
+            )
+        ),
         "null": lambda: run_null_engine(plan, out),
     }
     began = time.monotonic()

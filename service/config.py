@@ -43,7 +43,7 @@ class ServiceConfig:
     model: str = _opt(
         BUNDLED_MODEL,
         "local model folder or Hub id of the embedding model; the default is served from the"
-        " bundled package",
+        " bundled package; empty: none (a rerank-only server, with --rerank-model)",
     )
     served_model_name: str = _opt(
         "",
@@ -206,8 +206,11 @@ class ServiceConfig:
             raise ValueError("max_batch_tokens and max_batch_items must be positive")
         if self.rerank_max_batch_tokens < 1 or self.rerank_max_batch_items < 1:
             raise ValueError("rerank_max_batch_tokens and rerank_max_batch_items must be positive")
-        if not self.model:
-            raise ValueError("model is required (the embedding model)")
+        if not self.model and not self.rerank_model:
+            raise ValueError(
+                "model is required: an embedding model (--model), a rerank model"
+                " (--rerank-model, with --model '' for a rerank-only server), or both"
+            )
         if self.max_queue_tokens < self.max_batch_tokens:
             raise ValueError("max_queue_tokens must be at least max_batch_tokens")
         if not 0 < self.bulk_queue_share <= 1:

@@ -1,4 +1,5 @@
-"""Domain errors raised below the faces. Only service/api maps them to a protocol's errors."""
+"""Every domain error, raised below the faces: requests, models, admission, deadlines and
+engines. Only service/api maps them to a protocol's errors (service/api/problems.py)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,39 @@ class NotReadyError(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found or loaded; the process cannot serve at all."""
+
+
+# Admission and deadlines (the batcher and the pipeline).
+
+
+class QueueFullError(Exception):
+    """Admission refused; ``reason`` names the bound that was hit and its limit."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExpiredError(Exception):
+    """The item's deadline passed before it was dispatched; it never reached the engine."""
+
+
+class BatcherClosedError(Exception):
+    """The batcher is closing or closed."""
+
+
+class DeadlineTooShortError(Exception):
+    """The caller's deadline ends before the queue could plausibly serve it."""
+
+
+# Engines.
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot serve (dead, shut down, or failed on a batch); a retry may work."""
+
+
+class EngineConfigError(ValueError):
+    """The engine refused its settings at start-up. The message is one line naming the
+    service flag to change and what it accepts."""

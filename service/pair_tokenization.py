@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -262,25 +263,17 @@ class PairTokenizer:
         (0: only the window does). Errors are InvalidInputError naming
         f"{field_prefix}query", "...instruction" or "...max_tokens_per_doc".
         """
-        if len(query) + sum(map(len, documents)) <= self._inline_chars:
-            return self.pairs_sync(
-                query,
-                documents,
-                instruction=instruction,
-                max_tokens_per_doc=max_tokens_per_doc,
-                field_prefix=field_prefix,
-            )
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool,
-            lambda: self.pairs_sync(
-                query,
-                documents,
-                instruction=instruction,
-                max_tokens_per_doc=max_tokens_per_doc,
-                field_prefix=field_prefix,
-            ),
+        work = functools.partial(
+            self.pairs_sync,
+            query,
+            documents,
+            instruction=instruction,
+            max_tokens_per_doc=max_tokens_per_doc,
+            field_prefix=field_prefix,
         )
+        if len(query) + sum(map(len, documents)) <= self._inline_chars:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def pairs_sync(
         self,

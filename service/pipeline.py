@@ -18,9 +18,15 @@ from typing import Protocol, cast
 import numpy as np
 
 from service import postprocess
-from service.batching import Batcher, BatcherClosedError, ItemResult, Priority, QueueFullError
+from service.batching import ItemResult, ItemSubmitter, Priority
 from service.chunking import ChunkSpec, Span
-from service.errors import TOO_MANY_TOKENS, InvalidInputError
+from service.errors import (
+    TOO_MANY_TOKENS,
+    BatcherClosedError,
+    DeadlineTooShortError,
+    InvalidInputError,
+    QueueFullError,
+)
 from service.tokenization import (
     ChunkedInput,
     TextTokenizer,
@@ -29,7 +35,6 @@ from service.tokenization import (
     Truncation,
     all_or_raise,
 )
-from service.vector_cache import CachingBatcher
 
 
 @dataclass(frozen=True)
@@ -130,10 +135,6 @@ class SimilarityOutcome:
     documents_truncated: list[bool]  # per document: cut to fit
 
 
-class DeadlineTooShortError(Exception):
-    """The caller's deadline ends before the queue could plausibly serve it."""
-
-
 class StageObserver(Protocol):
     """Telemetry of one call's stages (service.telemetry implements it); must be cheap."""
 
@@ -170,7 +171,7 @@ class Embedder:
     def __init__(
         self,
         tokenizer: TextTokenizer,
-        batcher: Batcher | CachingBatcher,
+        batcher: ItemSubmitter,
         max_request_tokens: int,
         stages: StageObserver | None = None,
     ) -> None:
@@ -190,20 +191,14 @@ class Embedder:
             prepared: list[Prepared] = all_or_raise(await self._prepare(texts, spec, field))
         tokenized = time.perf_counter()
         units = [t for p in prepared for t in _units(p)]
-        stages.tokenized(units)
-        total = sum(len(t.ids) for t in units)
-        if total > self._max_request_tokens:
-            raise InvalidInputError(
-                field,
-                f"{total} tokens in one request exceed the limit of {self._max_request_tokens}",
-                TOO_MANY_TOKENS,
-            )
-        submitted_ns = time.time_ns()
-        futures = self._batcher.submit(
-            [t.ids for t in units], Priority.INTERACTIVE, deadline, stages.caller()
+        results = await run_interactive(
+            self._batcher,
+            units,
+            max_request_tokens=self._max_request_tokens,
+            field=field,
+            deadline=deadline,
+            stages=stages,
         )
-        results = await gather_items(futures)
-        stages.batched(submitted_ns, results)
         with stages.stage("postprocess"):
             return _assemble(prepared, results, spec, tokenized - started)
 
@@ -345,6 +340,34 @@ def check_deadline(batcher: _Waits, deadline: float | None) -> None:
             f"deadline of {max(remaining, 0) * 1000:.0f}ms is shorter than the expected "
             f"wait of {expected * 1000:.0f}ms"
         )
+
+
+async def run_interactive(
+    batcher: ItemSubmitter,
+    units: list[TokenizedInput],
+    *,
+    max_request_tokens: int,
+    field: str,
+    deadline: float | None,
+    stages: StageObserver,
+) -> list[ItemResult]:
+    """One interactive call's engine items, all admitted together within the per-request
+    token limit (TOO_MANY_TOKENS tells a client to split), or none."""
+    stages.tokenized(units)
+    total = sum(len(t.ids) for t in units)
+    if total > max_request_tokens:
+        raise InvalidInputError(
+            field,
+            f"{total} tokens in one request exceed the limit of {max_request_tokens}",
+            TOO_MANY_TOKENS,
+        )
+    submitted_ns = time.time_ns()
+    futures = batcher.submit(
+        [t.ids for t in units], Priority.INTERACTIVE, deadline, stages.caller()
+    )
+    results = await gather_items(futures)
+    stages.batched(submitted_ns, results)
+    return results
 
 
 async def gather_items(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:

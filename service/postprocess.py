@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 FloatMatrix = npt.NDArray[np.float32]
+F = TypeVar("F", bound=np.floating[Any])
 
 
 class Encoding(enum.Enum):
@@ -20,6 +22,16 @@ class Encoding(enum.Enum):
     FLOAT16 = "float16"
     INT8 = "int8"
     BINARY = "binary"
+
+
+# Each encoding's element type on the wire: little-endian floats, signed bytes, or packed
+# bits read as unsigned bytes.
+DTYPES: dict[Encoding, np.dtype[Any]] = {
+    Encoding.FLOAT32: np.dtype("<f4"),
+    Encoding.FLOAT16: np.dtype("<f2"),
+    Encoding.INT8: np.dtype("i1"),
+    Encoding.BINARY: np.dtype("u1"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,8 @@ def shape(vectors: FloatMatrix, dimensions: int, normalize: bool) -> FloatMatrix
 
 def encode(vectors: FloatMatrix, encoding: Encoding) -> list[EncodedVector]:
     """Little-endian bytes per row."""
-    if encoding is Encoding.FLOAT32:
-        return _rows(vectors.astype("<f4", copy=False))
-    if encoding is Encoding.FLOAT16:
-        return _rows(vectors.astype("<f2"))
+    if encoding in (Encoding.FLOAT32, Encoding.FLOAT16):
+        return _rows(vectors.astype(DTYPES[encoding], copy=False))
     if encoding is Encoding.INT8:
         return _int8(vectors)
     # One bit per dimension, 1 for values > 0, most significant bit first.
@@ -80,8 +90,9 @@ def cosine(queries: FloatMatrix, documents: FloatMatrix) -> FloatMatrix:
     return (q @ d.T).astype(np.float32)
 
 
-def top_k(scores: FloatMatrix, k: int) -> tuple[npt.NDArray[np.intp], FloatMatrix]:
-    """Indices and scores of the k best columns per row, best first (stable on ties)."""
+def top_k(scores: npt.NDArray[F], k: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[F]]:
+    """Indices and scores of the k best columns per row, best first (stable on ties): the
+    one ranking of Similarity's top_k and rerank's top_n."""
     k = min(k, scores.shape[1])
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)

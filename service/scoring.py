@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from service.batching import Batcher, Priority
-from service.errors import INPUT_TOO_LONG, TOO_MANY_TOKENS, InvalidInputError
+from service.batching import ItemSubmitter
+from service.errors import INPUT_TOO_LONG, InvalidInputError
 from service.pair_tokenization import PairTokenizer
 from service.pipeline import (
     NoStages,
     StageObserver,
     Timing,
     check_deadline,
-    gather_items,
+    run_interactive,
     timing_of,
 )
 
@@ -41,7 +41,7 @@ class Reranker:
     def __init__(
         self,
         pairs: PairTokenizer,
-        batcher: Batcher,
+        batcher: ItemSubmitter,
         max_request_tokens: int,
         stages: StageObserver | None = None,
     ) -> None:
@@ -83,21 +83,15 @@ class Reranker:
                     " truncate unset (or end) to have it cut",
                     INPUT_TOO_LONG,
                 )
-        stages.tokenized(inputs)
-        total = sum(len(t.ids) for t in inputs)
-        if total > self._max_request_tokens:
-            raise InvalidInputError(
-                field,
-                f"{total} tokens in the query-document pairs exceed the limit of "
-                f"{self._max_request_tokens} per request",
-                TOO_MANY_TOKENS,
-            )
-        submitted_ns = time.time_ns()
-        futures = self._batcher.submit(
-            [t.ids for t in inputs], Priority.INTERACTIVE, deadline, stages.caller()
+        results = await run_interactive(
+            self._batcher,
+            inputs,
+            max_request_tokens=self._max_request_tokens,
+            field=field,
+            deadline=deadline,
+            stages=stages,
         )
-        results = await gather_items(futures)
-        stages.batched(submitted_ns, results)
+        total = sum(len(t.ids) for t in inputs)
         logits = np.array([r.vector[0] for r in results], dtype=np.float32)
         return ScoreOutcome(
             logits, [t.truncated for t in inputs], total, timing_of(tokenize_s, results)

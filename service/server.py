@@ -8,10 +8,8 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing
-import os
 import signal
 import threading
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +28,15 @@ from service.api.grpc.stream_budget import StreamBudget
 from service.api.http.app import HttpApi
 from service.api.http.server import HttpServer, TlsFiles
 from service.api.keys import ApiKeys, load_keys
-from service.api.runtime import Gate, Runtime, Scorer, ServerLimits
+from service.api.runtime import EmbeddingModel, Gate, Runtime, Scorer, ServerLimits
 from service.api.validation import RequestLimits, RequestOptions, RequestValidator
 from service.batching import Batcher, BatcherLimits
 from service.config import ServiceConfig
-from service.engines.base import Engine, EngineConfigError, EngineUnavailableError
-from service.errors import ModelLoadError
+from service.engines.base import Engine
+from service.engines.loading import check_vllm_args, load_engine, load_scorer
+from service.errors import EngineConfigError, EngineUnavailableError, ModelLoadError
 from service.memory import HeapTrimmer
-from service.model_card import load_model_card, resolve_model_path
+from service.model_card import ModelCard, load_model_card, resolve_model_path
 from service.pair_tokenization import PairTokenizer, detect_pair_format
 from service.pipeline import Embedder
 from service.scoring import Reranker
@@ -62,69 +61,6 @@ T = TypeVar("T")
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
-# vLLM's start-up chatter: some 60 lines of notes and library warnings from this process
-# and the engine's, none of which a user can act on. Hidden unless the service logs at
-# DEBUG; vLLM's errors still show. The variables are read by the engine's processes.
-_QUIET_ENGINE_ENV = {
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    "TORCH_CPP_LOG_LEVEL": "ERROR",  # torch's C++ notes (NUMA binding)
-    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-}
-
-
-def _quiet_vllm(config: ServiceConfig) -> bool:
-    """Hide vLLM's start-up chatter unless logging at DEBUG; before vllm is imported."""
-    quiet: bool = logging.getLevelName(config.log_level.upper()) != logging.DEBUG
-    if quiet:
-        for variable, value in _QUIET_ENGINE_ENV.items():
-            os.environ.setdefault(variable, value)
-        # vLLM logs while it is imported, before it configures its own logger.
-        logging.getLogger("vllm").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-    return quiet
-
-
-def check_vllm_args(config: ServiceConfig) -> None:
-    """Parse --vllm-args with vLLM's own definitions (seconds, not the minutes of a model
-    load); raises ValueError ("--vllm-args: ...") naming what is wrong."""
-    if config.engine != "vllm" or not config.vllm_args:
-        return
-    _quiet_vllm(config)
-    from service.engines.vllm_engine import parse_vllm_args
-
-    parse_vllm_args(config.vllm_args)
-
-
-def load_vllm_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
-    quiet = _quiet_vllm(config)
-    from service.engines.vllm_engine import VllmEngine, VllmSettings
-
-    return VllmEngine.load(
-        VllmSettings(
-            model_path=model_path,
-            served_name=name,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            max_num_batched_tokens=max(config.max_batch_tokens, config.max_model_len),
-            max_num_seqs=config.max_batch_items,
-            enforce_eager=config.enforce_eager,
-            prefix_caching=config.prefix_caching,
-            progress_bars=not quiet,
-            vllm_args=config.vllm_args,
-        )
-    )
-
-
-def load_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:
-    """The engine `config.engine` names: vllm, or null (measures the front end alone)."""
-    if config.engine == "null":
-        from service.engines.null_engine import NullEngine
-
-        return NullEngine.for_model(model_path, name, config.max_model_len)
-    return load_vllm_engine(config, model_path, name)
-
-
 def served_names(config: ServiceConfig) -> tuple[str, ...]:
     """Every name clients may ask for the embedding model by; the first is the one reported."""
     return model_names(config.model, config.served_model_name)
@@ -144,32 +80,17 @@ def model_names(model: str, given: str) -> tuple[str, ...]:
     return (model, short) if short != model else (model,)
 
 
-def load_vllm_scorer(config: ServiceConfig, model_path: Path, name: str) -> Engine:
-    """The rerank model's engine: a cross-encoder giving one logit per pair."""
-    quiet = _quiet_vllm(config)
-    from service.engines.vllm_engine import VllmEngine, VllmSettings
+@dataclass
+class EmbeddingParts:
+    """The embedding model's own engine, tokenizer, batcher and vector cache."""
 
-    return VllmEngine.load(
-        VllmSettings(
-            model_path=model_path,
-            served_name=name,
-            dtype=config.dtype,
-            max_model_len=config.rerank_max_model_len,
-            gpu_memory_utilization=config.rerank_gpu_memory_utilization,
-            max_num_batched_tokens=max(config.rerank_max_batch_tokens, config.rerank_max_model_len),
-            max_num_seqs=config.rerank_max_batch_items,
-            enforce_eager=config.enforce_eager,
-            prefix_caching=config.prefix_caching,
-            progress_bars=not quiet,
-            kind="score",
-        )
-    )
+    engine: Engine
+    tokenizer: TextTokenizer
+    batcher: Batcher
+    cache: VectorCache | None
 
-
-def load_scorer(config: ServiceConfig, model_path: Path, name: str) -> Engine:
-    if config.engine == "null":
-        raise ModelLoadError("the null engine has no rerank mode; leave --rerank-model unset")
-    return load_vllm_scorer(config, model_path, name)
+    def close_tokenizer(self) -> None:
+        self.tokenizer.close()
 
 
 @dataclass
@@ -180,23 +101,29 @@ class ScoringParts:
     pairs: PairTokenizer
     batcher: Batcher
 
+    def close_tokenizer(self) -> None:
+        self.pairs.close()
+
 
 @dataclass
 class Components:
-    engine: Engine
-    tokenizer: TextTokenizer
-    batcher: Batcher
+    """What the server runs: the embedding model, the rerank model, or both."""
+
     runtime: Runtime
-    cache: VectorCache | None = None
+    embedding: EmbeddingParts | None = None
     scoring: ScoringParts | None = None
 
     @property
+    def _parts(self) -> list[EmbeddingParts | ScoringParts]:
+        return [p for p in (self.embedding, self.scoring) if p is not None]
+
+    @property
     def engines(self) -> list[Engine]:
-        return [self.engine, *([self.scoring.engine] if self.scoring else [])]
+        return [p.engine for p in self._parts]
 
     @property
     def batchers(self) -> list[Batcher]:
-        return [self.batcher, *([self.scoring.batcher] if self.scoring else [])]
+        return [p.batcher for p in self._parts]
 
     def alive(self) -> bool:
         """Serving only while every configured engine is."""
@@ -205,9 +132,8 @@ class Components:
     async def close(self) -> None:
         for batcher in self.batchers:
             await batcher.close()
-        self.tokenizer.close()
-        if self.scoring is not None:
-            self.scoring.pairs.close()
+        for part in self._parts:
+            part.close_tokenizer()
         for engine in self.engines:
             await engine.close()
 
@@ -282,29 +208,19 @@ async def build_scoring(
     return ScoringParts(engine, pairs, batcher), Scorer(reranker, info, names)
 
 
-async def build_components(
-    config: ServiceConfig,
-    engine_factory: EngineFactory,
-    telemetry: Telemetry | None = None,
-    scorer_factory: EngineFactory | None = None,
-) -> Components:
-    telemetry = telemetry or Telemetry.disabled()
+async def build_embedding(
+    config: ServiceConfig, factory: EngineFactory, telemetry: Telemetry
+) -> tuple[EmbeddingParts, EmbeddingModel]:
+    """The embedding model: engine, tokenizer, batcher (behind the vector cache)."""
     path = resolve_model_path(config.model)
     names = served_names(config)
-    name = names[0]
-    card = load_model_card(path, name, config.instruction_template)
-    engine = await _load(engine_factory, config, path, name)
+    card = load_model_card(path, names[0], config.instruction_template)
+    engine = await _load(factory, config, path, names[0])
     # Answers report the served name, whatever the engine calls its model.
-    info = dataclasses.replace(engine.info, model_name=name)
+    info = dataclasses.replace(engine.info, model_name=names[0])
     window = info.max_input_tokens
-    # The queue must hold one whole window; the batch budget need not (a longer input runs
-    # as a batch of its own, and the engine's step budget holds the window).
-    queue_tokens = max(config.max_queue_tokens, window)
     tokenizer = TextTokenizer(
-        path / "tokenizer.json",
-        info.max_input_tokens,
-        config.tokenizer_threads,
-        config.tokenize_inline_chars,
+        path / "tokenizer.json", window, config.tokenizer_threads, config.tokenize_inline_chars
     )
     batcher = Batcher(
         engine,
@@ -314,45 +230,71 @@ async def build_components(
     cache = VectorCache(config.vector_cache_mb * 2**20) if config.vector_cache_mb else None
     telemetry.watch(batcher, engine, cache)
     await batcher.start()
+    embedder = Embedder(
+        tokenizer,
+        batcher if cache is None else CachingBatcher(batcher, cache),
+        request_tokens_limit(config, max(config.max_queue_tokens, window)),
+        telemetry.stages,
+    )
+    parts = EmbeddingParts(engine, tokenizer, batcher, cache)
+    return parts, EmbeddingModel(embedder, card, info, names)
+
+
+async def build_components(
+    config: ServiceConfig,
+    engine_factory: EngineFactory,
+    telemetry: Telemetry | None = None,
+    scorer_factory: EngineFactory | None = None,
+) -> Components:
+    telemetry = telemetry or Telemetry.disabled()
+    embedding = scoring = None
+    model = scorer = None
+    if config.model:
+        embedding, model = await build_embedding(config, engine_factory, telemetry)
+    if config.rerank_model:
+        scoring, scorer = await build_scoring(config, scorer_factory or load_scorer, telemetry)
+    runtime = Runtime(*_checks_and_limits(config, model, scorer), model, scorer)
+    return Components(runtime, embedding, scoring)
+
+
+def _checks_and_limits(
+    config: ServiceConfig, model: EmbeddingModel | None, scorer: Scorer | None
+) -> tuple[RequestValidator, ServerLimits]:
+    """The request checks and the limits reported, which are the ones the batcher of the
+    embedding model enforces (of the rerank model, on a rerank-only server)."""
+    if model is not None:
+        card, window, dimension = model.card, model.info.max_input_tokens, model.info.dimension
+        batch_tokens, batch_items = config.max_batch_tokens, config.max_batch_items
+    else:
+        assert scorer is not None  # the configuration asks for one model at least
+        card, window, dimension = ModelCard(Path(), scorer.name), scorer.info.max_input_tokens, 0
+        batch_tokens, batch_items = config.rerank_max_batch_tokens, config.rerank_max_batch_items
+    # The queue must hold one whole window; the batch budget need not (a longer input runs
+    # as a batch of its own, and the engine's step budget holds the window).
+    queue_tokens = max(config.max_queue_tokens, window)
+    min_dimensions = min(config.min_dimensions, dimension)
     validator = RequestValidator(
         card,
         RequestLimits(
             max_inputs=config.max_inputs_per_request,
             max_input_chars=config.max_input_chars,
-            min_dimensions=min(config.min_dimensions, info.dimension),
-            dimension=info.dimension,
-            max_input_tokens=info.max_input_tokens,
+            min_dimensions=min_dimensions,
+            dimension=dimension,
+            max_input_tokens=window,
         ),
     )
     limits = ServerLimits(
         max_inputs_per_request=config.max_inputs_per_request,
         max_input_chars=config.max_input_chars,
-        max_batch_tokens=config.max_batch_tokens,
-        max_batch_items=config.max_batch_items,
+        max_batch_tokens=batch_tokens,
+        max_batch_items=batch_items,
         max_queue_tokens=queue_tokens,
         max_queue_items=config.max_queue_items,
         max_request_bytes=config.max_request_bytes,
         max_request_tokens=request_tokens_limit(config, queue_tokens),
-        min_dimensions=min(config.min_dimensions, info.dimension),
+        min_dimensions=min_dimensions,
     )
-    runtime = Runtime(
-        embedder=Embedder(
-            tokenizer,
-            batcher if cache is None else CachingBatcher(batcher, cache),
-            limits.max_request_tokens,
-            telemetry.stages,
-        ),
-        validator=validator,
-        card=card,
-        info=info,
-        limits=limits,
-        model_names=names,
-    )
-    if not config.rerank_model:
-        return Components(engine, tokenizer, batcher, runtime, cache)
-    scoring, scorer = await build_scoring(config, scorer_factory or load_scorer, telemetry)
-    runtime = dataclasses.replace(runtime, scorer=scorer)
-    return Components(engine, tokenizer, batcher, runtime, cache, scoring)
+    return validator, limits
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: object) -> T:
@@ -390,8 +332,9 @@ def end_engine_processes() -> None:
 
 async def warm_up(runtime: Runtime) -> None:
     """One real call through each path, so the first caller pays no start-up cost."""
-    spec = runtime.validator.options(RequestOptions())
-    await runtime.embedder.embed(["warm up"], spec, "inputs", deadline=None)
+    if runtime.embedding is not None:
+        spec = runtime.validator.options(RequestOptions())
+        await runtime.embedding.embedder.embed(["warm up"], spec, "inputs", deadline=None)
     if runtime.scorer is not None:
         await runtime.scorer.reranker.score(
             "warm up",
@@ -559,7 +502,8 @@ class EmbeddingServer:
         if self.http is not None:
             await self.http.start()
         self.telemetry.start()  # /metrics answers while the engine loads (engine_up 0)
-        log.info("loading %s", self.config.model)
+        models = (self.config.model, self.config.rerank_model)
+        log.info("loading %s", " and ".join(m for m in models if m))
         # A misspelt engine argument fails here, before the model loads.
         await asyncio.to_thread(check_vllm_args, self.config)
         self._components = await build_components(
@@ -573,9 +517,7 @@ class EmbeddingServer:
 
     def _ready_line(self, rt: Runtime) -> str:
         """Once ready, one line that names every model with its kind, and every endpoint."""
-        model = f"{rt.info.model_name} (embed)"
-        if rt.scorer is not None:
-            model += f" and {rt.scorer.name} (rerank)"
+        model = " and ".join(f"{m.name} ({kind})" for kind, m in rt.served)
         host = self.config.host
         parts = [f"gRPC {host}:{self.port}"]
         if self.http is not None:

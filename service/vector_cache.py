@@ -36,7 +36,8 @@ import numpy as np
 import numpy.typing as npt
 from cachetools import LRUCache
 
-from service.batching import Batcher, DeadlineExpiredError, ItemResult, Priority
+from service.batching import Batcher, ItemResult, Priority
+from service.errors import DeadlineExpiredError
 
 Vector = npt.NDArray[np.float32]
 

@@ -11,7 +11,8 @@ import numpy as np
 import numpy.typing as npt
 
 from service.config import ServiceConfig
-from service.engines.base import EngineInfo, EngineUnavailableError
+from service.engines.base import EngineInfo
+from service.errors import EngineUnavailableError
 
 DIM = 384
 

@@ -14,10 +14,16 @@ import enum
 import logging
 from dataclasses import dataclass
 
-from service.batching import BatcherClosedError, DeadlineExpiredError, QueueFullError
-from service.engines.base import EngineUnavailableError
-from service.errors import InvalidInputError, NotReadyError, UnknownModelError
-from service.pipeline import DeadlineTooShortError
+from service.errors import (
+    BatcherClosedError,
+    DeadlineExpiredError,
+    DeadlineTooShortError,
+    EngineUnavailableError,
+    InvalidInputError,
+    NotReadyError,
+    QueueFullError,
+    UnknownModelError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.api.validation import RequestValidator
-from service.engines.base import EngineInfo
+from service.engines.base import EMBED, SCORE, EngineInfo
 from service.errors import InvalidInputError, NotReadyError, UnknownModelError
 from service.model_card import ModelCard
 from service.pipeline import Embedder
@@ -48,17 +48,47 @@ class Scorer:
 
 
 @dataclass(frozen=True)
-class Runtime:
-    """Everything a call needs once the engine is loaded."""
+class EmbeddingModel:
+    """The embedding model: its pipeline, what its files say, and what its engine reported."""
 
     embedder: Embedder
-    validator: RequestValidator
     card: ModelCard
     info: EngineInfo
+    names: tuple[str, ...]  # every name a client may ask for; the first is the one reported
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything a call needs once the engines are loaded: the embedding model, the rerank
+    model, or both (never neither)."""
+
+    validator: RequestValidator
     limits: ServerLimits
-    # Every name a client may ask for; the first is the one reported. Never empty once built.
-    model_names: tuple[str, ...] = ()
+    embedding: EmbeddingModel | None = None
     scorer: Scorer | None = None  # the rerank model, when one is served
+
+    def embedding_for(self, asked: str | None) -> EmbeddingModel:
+        """The embedding model, which a call naming a model must name: never serve another
+        silently."""
+        model = self.embedding
+        if model is not None and (asked is None or asked in model.names):
+            return model
+        scorer = self.scorer
+        if scorer is not None and (asked is None or asked in scorer.names):
+            if model is None:
+                raise InvalidInputError(
+                    "model",
+                    f"this server serves no embedding model, only the rerank model"
+                    f" {scorer.name!r}; this task needs one (start the server with --model)",
+                )
+            raise InvalidInputError(
+                "model", f"{asked!r} is the rerank model; this task needs {model.name!r}"
+            )
+        raise UnknownModelError(asked or "", self.names)
 
     def scorer_for(self, asked: str | None) -> Scorer | None:
         """The rerank model a rerank call names (or the one served, when it names none);
@@ -66,20 +96,19 @@ class Runtime:
         scorer = self.scorer
         if scorer is not None and (asked is None or asked in scorer.names):
             return scorer
-        self.check_model(asked)
+        self.embedding_for(asked)
         return None
 
-    def check_model(self, asked: str | None) -> None:
-        """A request naming a model must name this one: never serve another silently."""
-        names = self.model_names or (self.info.model_name,)
-        if asked is None or asked in names:
-            return
-        if self.scorer is not None and asked in self.scorer.names:
-            raise InvalidInputError(
-                "model", f"{asked!r} is the rerank model; this task needs {names[0]!r}"
-            )
-        others = self.scorer.names if self.scorer is not None else ()
-        raise UnknownModelError(asked, (*names, *others))
+    @property
+    def served(self) -> list[tuple[str, EmbeddingModel | Scorer]]:
+        """Every model served with its kind ("embed", "score"), the embedding model first."""
+        models = ((EMBED, self.embedding), (SCORE, self.scorer))
+        return [(kind, model) for kind, model in models if model is not None]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model name served, the embedding model's first."""
+        return tuple(n for _, model in self.served for n in model.names)
 
 
 class Gate:

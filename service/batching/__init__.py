@@ -4,24 +4,15 @@
 Pure asyncio: it knows nothing of vLLM, gRPC or HTTP, only the Engine protocol.
 """
 
-from service.batching.batcher import Batcher, BatchObserver, QueuedItem
-from service.batching.limits import (
-    BatcherClosedError,
-    BatcherLimits,
-    DeadlineExpiredError,
-    ItemResult,
-    Priority,
-    QueueFullError,
-)
+from service.batching.batcher import Batcher, BatchObserver, ItemSubmitter, QueuedItem
+from service.batching.limits import BatcherLimits, ItemResult, Priority
 
 __all__ = [
     "BatchObserver",
     "Batcher",
-    "BatcherClosedError",
     "BatcherLimits",
-    "DeadlineExpiredError",
     "ItemResult",
+    "ItemSubmitter",
     "Priority",
-    "QueueFullError",
     "QueuedItem",
 ]

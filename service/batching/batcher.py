@@ -41,16 +41,11 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from service.batching.limits import (
-    PRIORITIES,
-    UP_TO,
-    BatcherLimits,
-    ItemResult,
-    Priority,
-)
+from service.batching.limits import PRIORITIES, UP_TO, BatcherLimits, ItemResult, Priority
 from service.batching.pacing import EngineSpeed
 from service.batching.queues import Item, Queues
-from service.engines.base import Engine, EngineUnavailableError
+from service.engines.base import Engine
+from service.errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +97,34 @@ class BatchObserver(Protocol):
         ...
 
     def rejected(self, reason: str, priority: Priority, n_items: int) -> None: ...
+
+
+class ItemSubmitter(Protocol):
+    """What callers of the batcher use: the Batcher itself, or the vector cache in front of
+    it (service.vector_cache.CachingBatcher), which answers repeated inputs without it."""
+
+    def submit(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        priority: Priority,
+        deadline: float | None = None,
+        context: object | None = None,
+    ) -> list[asyncio.Future[ItemResult]]:
+        """All of a call's items admitted together, or QueueFullError and none."""
+        ...
+
+    async def submit_when_ready(
+        self,
+        token_ids: Sequence[int],
+        priority: Priority = Priority.BULK,
+        deadline: float | None = None,
+        context: object | None = None,
+        flow: object | None = None,
+    ) -> asyncio.Future[ItemResult]:
+        """One bulk item, once the queue has room for it."""
+        ...
+
+    def estimated_wait_s(self, priority: Priority) -> float: ...
 
 
 class BatchRecalledError(Exception):

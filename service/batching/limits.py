@@ -66,20 +66,3 @@ class ItemResult:
     inference_s: float  # dispatch -> engine returned
     batch: object | None = None  # what BatchObserver.dispatched returned (telemetry's span)
     cached: bool = False  # from the vector cache (service.vector_cache), not the engine
-
-
-class QueueFullError(Exception):
-    """Admission refused; ``reason`` names the bound that was hit and its limit."""
-
-    def __init__(self, reason: str, retry_after_s: float) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExpiredError(Exception):
-    """The item's deadline passed before it was dispatched; it never reached the engine."""
-
-
-class BatcherClosedError(Exception):
-    """The batcher is closing or closed."""

@@ -26,16 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from service.batching.limits import (
-    PRIORITIES,
-    UP_TO,
-    BatcherClosedError,
-    BatcherLimits,
-    DeadlineExpiredError,
-    ItemResult,
-    Priority,
-    QueueFullError,
-)
+from service.batching.limits import PRIORITIES, UP_TO, BatcherLimits, ItemResult, Priority
+from service.errors import BatcherClosedError, DeadlineExpiredError, QueueFullError
 
 # retry_after_s is a hint, never zero: a client that retries at once only adds load.
 MIN_RETRY_AFTER_S = 0.005

@@ -29,15 +29,6 @@ class EngineInfo:
     kind: str = EMBED
 
 
-class EngineUnavailableError(RuntimeError):
-    """The engine cannot serve (dead, shut down, or failed on a batch); a retry may work."""
-
-
-class EngineConfigError(ValueError):
-    """The engine refused its settings at start-up. The message is one line naming the
-    service flag to change and what it accepts."""
-
-
 class Engine(Protocol):
     """Token ids in, raw pooled (not normalized) float32 vectors out, one row per sequence.
 

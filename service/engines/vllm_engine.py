@@ -56,14 +56,8 @@ from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
 from vllm.v1.executor import Executor
 
-from service.engines.base import (
-    EMBED,
-    MODEL_KINDS,
-    SCORE,
-    EngineConfigError,
-    EngineInfo,
-    EngineUnavailableError,
-)
+from service.engines.base import EMBED, MODEL_KINDS, SCORE, EngineInfo
+from service.errors import EngineConfigError, EngineUnavailableError
 from service.pair_tokenization import (
     QWEN3_RERANKER_TOKENS,
     PairFormat,

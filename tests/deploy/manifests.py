@@ -26,6 +26,7 @@ KUSTOMIZATIONS = (
     "overlays/gpu",
     "overlays/gpu-24gb",
     "model-download",
+    "bulk-job",
     "examples/gpu-tls-monitoring",
 )
 # Those that run the server.
@@ -146,12 +147,15 @@ class ContainerEnv:
     values: dict[str, str]
     # Variables from Secrets: named, not resolved (they hold no value in the manifests).
     from_secrets: dict[str, Obj]
+    # Variables from the pod's own fields (the downward API): name -> fieldPath.
+    from_fields: dict[str, str]
 
 
 def container_env(container: Obj, objects: Sequence[Obj]) -> ContainerEnv:
     config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in of_kind(objects, "ConfigMap")}
     values: dict[str, str] = {}
     secrets: dict[str, Obj] = {}
+    fields: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
             ref = source["configMapRef"]
@@ -173,9 +177,11 @@ def container_env(container: Obj, objects: Sequence[Obj]) -> ContainerEnv:
             secrets[name] = ref["secretKeyRef"]
         elif "resourceFieldRef" in ref:
             values[name] = _resource_field(container, ref["resourceFieldRef"])
+        elif "fieldRef" in ref:
+            fields[name] = ref["fieldRef"]["fieldPath"]
         else:
             raise AssertionError(f"unexpected env source for {name}: {ref}")
-    return ContainerEnv(values, secrets)
+    return ContainerEnv(values, secrets, fields)
 
 
 def server_argv(container: Obj) -> list[str]:

@@ -1,9 +1,10 @@
 """The knowledge-base journey in the real Open WebUI against the real service: Open WebUI's
 own cached venv (built here on first use), and one of each for this folder: the service
-(bundled MiniLM), Open WebUI, an admin, and a knowledge base holding five real documents.
+(the bundled MiniLM, with a tiny BERT cross-encoder beside it as its rerank model), Open
+WebUI, an admin, and a knowledge base holding five real documents.
 
 The processes are package-scoped, which for this folder is the session's worth of sharing,
-and ends them (a vLLM engine and Open WebUI) before the rest of a full run goes on."""
+and ends them (two vLLM engines and Open WebUI) before the rest of a full run goes on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.models.tiny_bert_reranker import build_tiny_bert_reranker
 from tests.openwebui import documents
 from tests.openwebui.venv import ensure_venv, venv_dir
 from tests.openwebui.webui import KnowledgeBase, OpenWebUI, Upload, offline_env, start_openwebui
@@ -21,6 +23,8 @@ from tests.servers import ServerProcess, start_server
 
 # `make serve`'s defaults, with a small memory share (two test runs may share the machine).
 SERVER_ARGS = ["--gpu-memory-utilization", "0.05"]
+# The rerank model beside it: a tiny cross-encoder needs little memory.
+RERANK_ARGS = ["--rerank-gpu-memory-utilization", "0.05"]
 
 CONTENT_TYPES = {".md": "text/markdown", ".txt": "text/plain", ".pdf": "application/pdf"}
 
@@ -48,19 +52,46 @@ def openwebui_venv() -> Path:
 
 
 @pytest.fixture(scope="package")
-def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT cross-encoder (ms-marco-MiniLM's shape, random weights): no real reranker
+    weights exist offline. Its scores are real cross-encoder scores; its ranking is noise."""
+    return build_tiny_bert_reranker(tmp_path_factory.mktemp("models") / "tiny-bert-reranker")
+
+
+@pytest.fixture(scope="package")
+def embedding_server(
+    reranker_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    """One service for every mode: MiniLM, and the cross-encoder as its --rerank-model. A
+    rerank request's `model` chooses: the cross-encoder's name, or MiniLM's for cosines."""
     log = tmp_path_factory.mktemp("openwebui-logs") / "service.log"
-    server = start_server(SERVER_ARGS, log)
+    server = start_server([*SERVER_ARGS, "--rerank-model", str(reranker_dir), *RERANK_ARGS], log)
     yield server
     server.stop()
+
+
+def _model_names(server: ServerProcess, kind: str) -> list[str]:
+    """The names /v1/models lists for the models of this kind ("embed" or "score")."""
+    response = httpx.get(f"{server.base_url}/models", timeout=30)
+    response.raise_for_status()
+    return [str(card["id"]) for card in response.json()["data"] if card.get("kind") == kind]
 
 
 @pytest.fixture(scope="package")
 def served_model(embedding_server: ServerProcess) -> str:
     """The model name the service reports, which is what a user copies into Open WebUI."""
-    response = httpx.get(f"{embedding_server.base_url}/models", timeout=30)
-    response.raise_for_status()
-    return str(response.json()["data"][0]["id"])
+    names = _model_names(embedding_server, "embed")
+    assert names, "/v1/models lists no embedding model"
+    return names[0]
+
+
+@pytest.fixture(scope="package")
+def reranker_model(embedding_server: ServerProcess) -> str:
+    """The cross-encoder's name as /v1/models lists it (kind "score"): Open WebUI's
+    RAG_RERANKING_MODEL for the cross-encoder."""
+    names = _model_names(embedding_server, "score")
+    assert names, "/v1/models lists no rerank model (kind 'score')"
+    return names[0]
 
 
 @pytest.fixture(scope="package")

@@ -18,17 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.batching import (
-    Batcher,
-    BatcherClosedError,
-    BatcherLimits,
-    DeadlineExpiredError,
-    ItemResult,
-    Priority,
-    QueueFullError,
-)
+from service.batching import Batcher, BatcherLimits, ItemResult, Priority
 from service.batching.pacing import EngineSpeed
 from service.engines.base import EngineInfo
+from service.errors import BatcherClosedError, DeadlineExpiredError, QueueFullError
 
 DIM = 3
 LIMITS = BatcherLimits(

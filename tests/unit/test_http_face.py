@@ -309,7 +309,7 @@ async def test_queue_full_is_429_with_retry_after(make_server: ServerMaker) -> N
         assert int(refused.headers["retry-after"]) >= 1
         assert int(refused.headers["retry-after-ms"]) >= 1
         await _still_serving(http)
-    assert server._components is not None and server._components.batcher.queued_items == 0
+    assert server._components is not None and server._components.batchers[0].queued_items == 0
 
 
 async def test_loading_and_draining_are_503() -> None:
@@ -389,7 +389,7 @@ async def test_a_client_that_disconnects_releases_its_work(make_server: ServerMa
     gate.set()  # the warm-up call
     server, _ = await make_server(engine, max_inflight_batches=1)
     gate.clear()
-    batcher = server._components.batcher if server._components else None
+    batcher = server._components.batchers[0] if server._components else None
     assert batcher is not None
     async with _http(server, timeout=0.5) as http:
         with pytest.raises(httpx.TimeoutException):  # in the engine: its batch is aborted

@@ -530,3 +530,42 @@ async def test_model_info_and_models_list_both_models_with_their_kinds(
     # the embedding model's name ranks by cosine.
     assert by_alias.score_kind == pb.SCORE_KIND_CROSS_ENCODER and by_alias.model == "ranker"
     assert by_embedder.score_kind == pb.SCORE_KIND_COSINE and by_embedder.model == "embedder"
+
+
+async def test_a_rerank_only_server_ranks_and_says_why_it_cannot_embed(
+    make_rig: RigMaker, pair_tokenizer: Tokenizer
+) -> None:
+    rig = await make_rig(model="", rerank_max_batch_tokens=512)
+    assert rig.embedder.batches == []  # no embedding engine was loaded, nor warmed
+    raw = logits(pairs(pair_tokenizer, QUERY, DOCS))
+    channel, stub = rig.stub()
+    health_stub = health_pb2_grpc.HealthStub(channel)
+    async with channel, rig.http() as http:
+        health = await health_stub.Check(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=PATIENCE_S
+        )
+        reply = await stub.Rerank(pb.RerankRequest(query=QUERY, documents=DOCS), timeout=PATIENCE_S)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=PATIENCE_S)
+        listed = await http.get("/v1/models")
+        ranked = await http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS})
+        embedded = await http.post("/v1/embeddings", json={"input": "hello"})
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Embed(pb.EmbedRequest(inputs=["hello"]), timeout=PATIENCE_S)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert reply.score_kind == pb.SCORE_KIND_CROSS_ENCODER and reply.model == RERANKER
+    np.testing.assert_allclose([r.raw_score for r in reply.results], raw, rtol=1e-6)
+    assert ranked.status_code == 200, ranked.text
+    assert ranked.json()["model"] == RERANKER
+    # No embedding model: the top-level facts are empty, the one model is listed.
+    assert info.model == "" and info.dimension == 0
+    assert [(list(m.names), m.kind) for m in info.models] == [([RERANKER], "score")]
+    assert info.limits.max_batch_tokens == 512  # the rerank model's batcher's, as enforced
+    assert [(c["id"], c["kind"]) for c in listed.json()["data"]] == [(RERANKER, "score")]
+    message = (
+        f"model: this server serves no embedding model, only the rerank model {RERANKER!r};"
+        " this task needs one (start the server with --model)"
+    )
+    assert embedded.status_code == 400, embedded.text
+    assert embedded.json()["error"]["message"] == message
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == message

@@ -134,7 +134,7 @@ async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMake
     def settled() -> bool:
         refused = sum(1 for c in calls if c.done())
         in_engine = sum(len(b) for b in engine.batches[warm_up:])
-        return 4 * refused + components.batcher.queued_items + in_engine == 4 * len(calls)
+        return 4 * refused + components.batchers[0].queued_items + in_engine == 4 * len(calls)
 
     async with channel:
         calls = [asyncio.ensure_future(call()) for _ in range(200)]
@@ -142,7 +142,7 @@ async def test_overload_answers_ok_or_resource_exhausted(make_server: ServerMake
         engine.gate.set()
         codes = await asyncio.gather(*calls)
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert server._components is not None and server._components.batcher.queued_items == 0
+    assert server._components is not None and server._components.batchers[0].queued_items == 0
 
 
 async def test_short_deadline_is_refused_early(make_server: ServerMaker) -> None:
@@ -175,9 +175,9 @@ async def test_gone_callers_abort_engine_work(make_server: ServerMaker) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Embed(pb.EmbedRequest(inputs=["c", "d"]), timeout=1.0)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await until(lambda: components.batcher.inflight_batches == 0, "no batch left running")
+        await until(lambda: components.batchers[0].inflight_batches == 0, "no batch left running")
     assert engine.cancelled == len(engine.batches) - warm_up
-    assert components.batcher.queued_items == 0
+    assert components.batchers[0].queued_items == 0
 
 
 async def test_engine_death_gives_unavailable_and_not_serving(make_server: ServerMaker) -> None:

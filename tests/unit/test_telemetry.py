@@ -30,10 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embedding.v1 import embedding_pb2 as pb
 from service.api.grpc.wire import timing_metadata
-from service.batching import Batcher, BatcherLimits, DeadlineExpiredError, Priority, QueueFullError
+from service.batching import Batcher, BatcherLimits, Priority
 from service.config import ServiceConfig, load_config
 from service.engines.base import EngineInfo
 from service.engines.null_engine import NullEngine
+from service.errors import DeadlineExpiredError, QueueFullError
 from service.telemetry import QUEUE_ITEMS_METRIC, QUEUE_TOKENS_METRIC, Telemetry, names
 from service.telemetry.batches import BatchTelemetry
 from service.telemetry.histograms import (

@@ -98,7 +98,7 @@ class Harness:
     def queued_items(self) -> int:
         components = self.server._components
         assert components is not None
-        return components.batcher.queued_items
+        return components.batchers[0].queued_items
 
     def metric_points(self, name: str) -> list[Any]:
         data = self.reader.get_metrics_data()

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service import postprocess
-from service.batching import Batcher, BatcherLimits, DeadlineExpiredError, ItemResult, Priority
+from service.batching import Batcher, BatcherLimits, ItemResult, Priority
 from service.config import ServiceConfig
-from service.engines.base import EngineUnavailableError
+from service.errors import DeadlineExpiredError, EngineUnavailableError
 from service.model_card import resolve_model_path
 from service.pipeline import Embedder, EmbedSpec
 from service.server import EmbeddingServer
@@ -463,7 +463,8 @@ async def server_maker() -> AsyncIterator[ServerMaker]:
 
 async def test_the_server_reports_cached_inputs_on_both_faces(server_maker: ServerMaker) -> None:
     server, engine = await server_maker()
-    assert server._components is not None and server._components.cache is not None
+    parts = server._components.embedding if server._components else None
+    assert parts is not None and parts.cache is not None
     request = pb.EmbedRequest(inputs=["hello there", "general kenobi"])
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
@@ -484,7 +485,8 @@ async def test_the_server_reports_cached_inputs_on_both_faces(server_maker: Serv
 
 async def test_zero_turns_the_cache_off(server_maker: ServerMaker) -> None:
     server, engine = await server_maker(vector_cache_mb=0)
-    assert server._components is not None and server._components.cache is None
+    parts = server._components.embedding if server._components else None
+    assert parts is not None and parts.cache is None
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         for _ in range(2):

@@ -201,8 +201,8 @@ def long_window_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_engine_settings_vllm_refuses_become_one_line_naming_the_service_flag(
     long_window_model: Path, changes: dict[str, object], line: str
 ) -> None:
-    from service.engines.base import EngineConfigError
     from service.engines.vllm_engine import VllmEngine
+    from service.errors import EngineConfigError
 
     with pytest.raises(EngineConfigError) as caught:
         VllmEngine.load(

@@ -17,8 +17,9 @@ from vllm import PoolingParams
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 from vllm.v1.engine.exceptions import EngineDeadError
 
-from service.engines.base import EngineInfo, EngineUnavailableError
+from service.engines.base import EngineInfo
 from service.engines.vllm_engine import VllmEngine
+from service.errors import EngineUnavailableError
 
 DIM = 4
 

@@ -17,7 +17,7 @@ import torch
 from vllm import PoolingParams
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 
-from service.engines.base import SCORE, EngineConfigError, EngineInfo
+from service.engines.base import SCORE, EngineInfo
 from service.engines.vllm_engine import (
     QWEN3_RERANKER_OVERRIDES,
     VllmArgsError,
@@ -26,6 +26,7 @@ from service.engines.vllm_engine import (
     engine_args,
     score_overrides,
 )
+from service.errors import EngineConfigError
 from service.pair_tokenization import TokenTypeRule
 from tests.models.qwen3_files import write_json
 from tests.models.tiny_bert_reranker import build_tiny_bert_reranker

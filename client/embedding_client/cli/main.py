@@ -1,5 +1,10 @@
 """`embed-files INPUT... --out OUT.parquet [--server 127.0.0.1:50051]`: the command line.
 
+`--streams N` opens N streams over one round_robin channel, so that a `dns:///` target
+(a headless Service) or an `ipv4:` list spreads them over the servers behind it.
+`--shard I/N` (or an Indexed Job's JOB_COMPLETION_INDEX and JOB_COMPLETIONS) embeds one
+share of the corpus into a dataset that the other shards write too.
+
 Exit status: 0 when every document was embedded; 1 when some failed (they are listed in
 OUT.errors.jsonl); 2 for a usage error; 3 when the run stopped early (server unreachable
 past --retry-timeout, API key missing or refused, output unusable); 130 and 143 on SIGINT
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import threading
@@ -22,7 +28,13 @@ from typing import Any
 from embedding.v1 import embedding_pb2 as pb
 from embedding_client.auth import API_KEY_ENV
 from embedding_client.cli.connection import Connection, FatalError, TlsFiles
-from embedding_client.cli.output import Dataset, ErrorLog, PartWriter, errors_path
+from embedding_client.cli.output import (
+    Dataset,
+    ErrorLog,
+    PartWriter,
+    errors_path,
+    is_errors_file,
+)
 from embedding_client.cli.progress import Mode, Progress, Stats, summary_line
 from embedding_client.cli.schema import OutputSchema, RowBuffer
 from embedding_client.cli.settings import (
@@ -33,8 +45,9 @@ from embedding_client.cli.settings import (
     parse_view,
     resolve,
 )
-from embedding_client.cli.sources import Fields, InputFile, Reader, discover, prescan
-from embedding_client.cli.stream import Feed, StreamLimits, StreamRunner
+from embedding_client.cli.shards import COUNT_ENV, INDEX_ENV, Shard, parse_shard, shard_from_env
+from embedding_client.cli.sources import KINDS, Fields, InputFile, Reader, discover, prescan
+from embedding_client.cli.stream import Feed, StreamLimits, StreamRunner, run_all
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 3
 _SHOWN_SKIPS = 10
@@ -47,12 +60,19 @@ def _view(text: str) -> tuple[int, str]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="embed-files",
-        description="Embed files (jsonl, csv, parquet, txt, md, pdf) through the embedding "
-        "service into a Parquet dataset, one row per chunk. Rerun with the same --out to "
-        "resume: complete documents are skipped.",
+        description="Embed files (jsonl, csv, parquet, txt, md, pdf, docx, html) through the "
+        "embedding service into a Parquet dataset, one row per chunk. Rerun with the same "
+        "--out to resume: complete documents are skipped.",
         epilog="Exit status: 0 all embedded; 1 some documents failed (see OUT.errors.jsonl); "
         "2 usage error; 3 stopped early (rerun to resume).",
     )
@@ -60,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, type=Path, metavar="OUT.parquet", help="output dataset directory"
     )
-    p.add_argument("--server", default="127.0.0.1:50051", metavar="HOST:PORT", help="%(default)s")
+    p.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        metavar="TARGET",
+        help="HOST:PORT, or any gRPC target such as dns:///HOST:PORT (every address, for a "
+        "headless Service) or ipv4:IP:PORT,IP:PORT (%(default)s)",
+    )
 
     g = p.add_argument_group("inputs")
     g.add_argument("--id-field", default="id", metavar="NAME", help="of records (%(default)s)")
@@ -99,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--no-text", action="store_true", help="leave the text column out")
     g.add_argument(
+        "--document-vectors",
+        action="store_true",
+        help="also write one row per document, chunk -1: the token-weighted mean of its "
+        "chunks that the server computes",
+    )
+    g.add_argument(
         "--part-rows", type=int, default=20_000, metavar="N", help="rows per part (%(default)s)"
     )
     g.add_argument(
@@ -107,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="S",
         help="commit a part at least this often (%(default)s s)",
+    )
+
+    g = p.add_argument_group("scale-out")
+    g.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        metavar="N",
+        help="concurrent streams, spread over the servers behind --server (%(default)s)",
+    )
+    g.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="I/N",
+        help=f"embed only share I of N of the documents (0 <= I < N), by a hash of their ids "
+        f"(default: ${INDEX_ENV}/${COUNT_ENV} when set, as in a Kubernetes Indexed Job)",
     )
 
     g = p.add_argument_group("connection")
@@ -182,7 +231,7 @@ def _mode(args: argparse.Namespace) -> Mode:
 
 
 def _requested(args: argparse.Namespace) -> Requested:
-    for name in ("dimensions", "part_rows", "items_per_message"):
+    for name in ("dimensions", "part_rows", "items_per_message", "streams"):
         if getattr(args, name) < (0 if name == "dimensions" else 1):
             raise UsageError(f"--{name.replace('_', '-')} is out of range")
     return Requested(
@@ -193,7 +242,19 @@ def _requested(args: argparse.Namespace) -> Requested:
         chunk_tokens=args.chunk_tokens,
         chunk_overlap=args.chunk_overlap,
         views=tuple(args.view),
+        document_vectors=args.document_vectors,
     )
+
+
+def _shard_of(args: argparse.Namespace) -> Shard:
+    """--shard, else the Indexed Job's variables, else the whole corpus."""
+    flag: Shard | None = args.shard
+    if flag is not None:
+        return flag
+    try:
+        return shard_from_env(os.environ)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _tls(args: argparse.Namespace) -> TlsFiles | None:
@@ -212,15 +273,17 @@ def _settings_differ(stored: dict[str, Any], settings: EmbedSettings) -> str:
 
 async def _run(args: argparse.Namespace) -> int:
     requested = _requested(args)
+    shard = _shard_of(args)
     fields = Fields(args.id_field, args.text_field)
     out: Path = args.out
-    errors_file = errors_path(out)
     stats = Stats()
     progress = Progress(stats, _mode(args), interval=args.log_interval)
     tls = _tls(args)
 
     try:
-        files, unknown = discover(args.inputs, exclude=[out, errors_file])
+        files, unknown = discover(
+            args.inputs, exclude=[out], skip=lambda path: is_errors_file(out, path)
+        )
     except FileNotFoundError as err:
         raise UsageError(str(err)) from err
     for path in unknown[:_SHOWN_SKIPS]:
@@ -228,20 +291,22 @@ async def _run(args: argparse.Namespace) -> int:
     if len(unknown) > _SHOWN_SKIPS:
         progress.note(f"skipping {len(unknown) - _SHOWN_SKIPS} more files of unknown extensions")
     if not files:
-        raise UsageError("no input files (.jsonl, .csv, .parquet, .txt, .md, .pdf) found")
+        raise UsageError(f"no input files ({', '.join(KINDS)}) found")
 
     task = asyncio.current_task()
     if task is not None:
         with suppress(NotImplementedError, RuntimeError):  # no signal handlers on Windows
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
-    dataset = Dataset(out)
+    dataset = Dataset(out, shard)
     try:
         dataset.open()
     except OSError as err:
         raise FatalError(f"cannot use {out}: {err}") from err
     try:
         complete, stored = dataset.scan()
+        # Ids of other shards are theirs to skip.
+        complete = {doc_id for doc_id in complete if shard.owns(doc_id)}
         if complete:
             progress.note(f"resuming: {len(complete):,} documents already complete in {out}")
         try:
@@ -264,6 +329,7 @@ async def _run(args: argparse.Namespace) -> int:
                 info=info,
                 settings=settings,
                 dataset=dataset,
+                shard=shard,
                 complete=complete,
                 files=files,
                 fields=fields,
@@ -283,6 +349,7 @@ async def _stream(
     info: pb.GetModelInfoResponse,
     settings: EmbedSettings,
     dataset: Dataset,
+    shard: Shard,
     complete: set[str],
     files: list[InputFile],
     fields: Fields,
@@ -290,9 +357,9 @@ async def _stream(
     progress: Progress,
 ) -> int:
     out: Path = args.out
-    errors_file = errors_path(out)
+    errors_file = errors_path(out, shard)
     began = time.monotonic()
-    scan = prescan(files, fields, complete)
+    scan = prescan(files, fields, complete, shard)
     if time.monotonic() - began > 2.0:
         progress.note(f"pre-scan: {scan.records:,} records in {time.monotonic() - began:.0f} s")
     schema = OutputSchema.build(settings, scan.metadata.fields(), with_text=not args.no_text)
@@ -310,7 +377,7 @@ async def _stream(
         part_seconds=args.part_seconds,
     )
     feed = Feed(asyncio.get_running_loop())
-    reader = Reader(files, fields, complete, writer.failed)
+    reader = Reader(files, fields, complete, writer.failed, shard)
     reading = threading.Thread(target=feed.fill, args=(reader,), name="embed-files-reader")
     reading.daemon = True
 
@@ -324,24 +391,30 @@ async def _stream(
                 f"not {info.model} ({info.dimension})"
             )
 
-    runner = StreamRunner(
-        connection.stub,
-        connection.metadata,
-        options=settings.options(),
-        feed=feed,
-        sink=writer,
-        limits=StreamLimits.from_server(info.limits, args.items_per_message, args.max_inflight),
-        retry_timeout=args.retry_timeout,
-        note=progress.note,
-        check_server=check_server,
-        refused=connection.refused,
-    )
+    limits = StreamLimits.from_server(info.limits, args.items_per_message, args.max_inflight)
+    runners = [
+        StreamRunner(
+            connection.stub,
+            connection.metadata,
+            options=settings.options(),
+            feed=feed,
+            sink=writer,
+            limits=limits,
+            retry_timeout=args.retry_timeout,
+            note=progress.note,
+            check_server=check_server,
+            refused=connection.refused,
+        )
+        for _ in range(args.streams)
+    ]
+    if not shard.whole:
+        progress.note(f"shard {shard}: {scan.todo:,} documents to embed")
     ending = "interrupted"
     writer.start()
     progress.start(scan.todo)
     reading.start()
     try:
-        await runner.run()
+        await run_all(runners)
         ending = "done"
     except FatalError:
         ending = "stopped"

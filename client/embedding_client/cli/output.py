@@ -4,7 +4,12 @@ OUT.parquet is a directory. Each part is written to a hidden temporary name, fsy
 renamed to `part-<run>-<n>.parquet` and the directory fsync'd, so after `kill -9` at any
 moment every visible part is whole (readers skip hidden files). A document's rows all go
 into one part, so the ids of the committed parts are exactly the complete documents; a
-rerun reads them, skips those documents and removes leftover temporary files.
+rerun reads them, skips those documents and removes its leftover temporary files.
+
+Shards of one corpus (`--shard I/N`) write into one dataset side by side: each names its
+parts `part-shardIofN-<run>-<n>.parquet` and its errors file OUT.errors.shardIofN.jsonl,
+holds a lock of its own, and cleans up only its own temporary files. A run of the whole
+corpus excludes every shard run on the same dataset, and the reverse.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from embedding_client.cli.connection import FatalError
 from embedding_client.cli.documents import Document, Failure
 from embedding_client.cli.progress import Stats
 from embedding_client.cli.schema import SETTINGS_KEY, BadResult, RowBuffer, ViewsIgnored
+from embedding_client.cli.shards import WHOLE_CORPUS, Shard
 
 try:
     import fcntl
@@ -40,34 +46,63 @@ _TMP_PREFIX = ".tmp-"
 _LOCK = ".lock"
 
 
-def errors_path(out: Path) -> Path:
-    """OUT.parquet -> OUT.errors.jsonl, beside it."""
-    name = out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
-    return out.with_name(f"{name}.errors.jsonl")
+def _stem(out: Path) -> str:
+    return out.name[: -len(".parquet")] if out.name.endswith(".parquet") else out.name
+
+
+def errors_path(out: Path, shard: Shard = WHOLE_CORPUS) -> Path:
+    """OUT.parquet -> OUT.errors.jsonl (OUT.errors.shardIofN.jsonl for a shard), beside it."""
+    tag = f".{shard.tag}" if shard.tag else ""
+    return out.with_name(f"{_stem(out)}.errors{tag}.jsonl")
+
+
+def is_errors_file(out: Path, path: Path) -> bool:
+    """Whether `path` is an errors file of OUT, any shard's: never an input."""
+    name = path.name
+    return (
+        path.parent.resolve() == out.parent.resolve()
+        and name.startswith(f"{_stem(out)}.errors")
+        and name.endswith(".jsonl")
+    )
 
 
 class Dataset:
-    """OUT as a directory of parts; one run at a time holds its lock."""
+    """OUT as a directory of parts; one run per shard at a time holds its lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shard: Shard = WHOLE_CORPUS) -> None:
         self.path = path
+        self.shard = shard
         started = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        self._run = f"{started}-{secrets.token_hex(3)}"
+        tag = f"{shard.tag}-" if shard.tag else ""
+        self._run = f"{tag}{started}-{secrets.token_hex(3)}"
         self._seq = 0
-        self._lock: IO[bytes] | None = None
+        self._locks: list[IO[bytes]] = []
 
     def open(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise FatalError(f"{self.path} exists and is not a dataset directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.path / _LOCK, "ab")  # noqa: SIM115 (held for the whole run)
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as err:
-                raise FatalError(f"another embed-files run is writing {self.path}") from err
-        for leftover in self.path.glob(f"{_TMP_PREFIX}*"):
+        tag = self.shard.tag
+        if tag:  # shards share the dataset's lock and each holds its own
+            self._lock(_LOCK, shared=True, holder="a run of the whole corpus")
+            self._lock(f"{_LOCK}-{tag}", shared=False, holder=f"a run of shard {self.shard}")
+            leftovers = f"{_TMP_PREFIX}part-{tag}-*"  # other shards may be writing theirs
+        else:
+            self._lock(_LOCK, shared=False, holder="another embed-files run")
+            leftovers = f"{_TMP_PREFIX}*"  # no shard can be running
+        for leftover in self.path.glob(leftovers):
             leftover.unlink(missing_ok=True)  # a part a killed run never committed
+
+    def _lock(self, name: str, *, shared: bool, holder: str) -> None:
+        file = open(self.path / name, "ab")  # noqa: SIM115 (held for the whole run)
+        self._locks.append(file)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(file.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as err:
+            self.close()  # and the locks taken so far
+            raise FatalError(f"{holder} is writing {self.path}") from err
 
     def parts(self) -> list[Path]:
         return sorted(self.path.glob(PART_GLOB))
@@ -102,9 +137,9 @@ class Dataset:
         return final
 
     def close(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # releases the lock
-            self._lock = None
+        for file in self._locks:
+            file.close()  # releases the lock
+        self._locks.clear()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,11 @@ One row per chunk: id, chunk, char_start, char_end, text, token_count, vector (p
 for int8), one vector column per view, source, then the metadata fields of the inputs. The
 schema is fixed before the first part is written, from the pre-scan of the inputs, so every
 part of a dataset has the same columns.
+
+With document vectors, each document also gets one row of chunk DOCUMENT_CHUNK (-1): the
+whole text, the sum of its chunks' tokens, and the vector the service computed for the
+input as a whole (the token-weighted mean of its chunks' vectors, in the same dimensions,
+encoding and views). Chunks count from 0, so `chunk >= 0` selects the chunk rows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from embedding_client.cli.settings import ENCODINGS, EmbedSettings
 SETTINGS_KEY = b"embed_files"  # Parquet key-value metadata: the settings, as JSON
 FIXED_COLUMNS = ("id", "chunk", "char_start", "char_end", "text", "token_count")
 SOURCE_COLUMN = "source"
+DOCUMENT_CHUNK = -1  # the chunk number of a document's own row
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -221,31 +227,42 @@ class RowBuffer:
 
     def add(self, doc: Document, embedding: pb.Embedding) -> tuple[int, int]:
         """Adds a document's rows, all or none; returns (chunks, tokens). Raises BadResult."""
-        text = doc.text
-        chunks = _chunks(embedding, len(text))
-        vectors = [self._vectors_of(emb) for _, _, emb in chunks]  # checked before any row
-        with_text = self.schema.with_text
-        tokens = 0
-        for n, ((start, end, emb), row) in enumerate(zip(chunks, vectors, strict=True)):
-            self._ids.append(doc.id)
-            self._chunks.append(n)
-            self._starts.append(start)
-            self._ends.append(end)
-            self._tokens.append(emb.token_count)
-            tokens += emb.token_count
-            self._sources.append(doc.source)
-            if with_text:
-                self._texts.append(text[start:end])
-                self.nbytes += end - start
-            for i, (data, scale) in enumerate(row):
-                self._data[i].append(data)
-                self._scales[i].append(scale)
-                self.nbytes += len(data)
-            for i, column in enumerate(self.schema.metadata):
-                self._meta[i].append(doc.metadata.get(column.field))
-        self.rows += len(chunks)
+        chunks = _chunks(embedding, len(doc.text))
+        rows = [(n, start, end, emb) for n, (start, end, emb) in enumerate(chunks)]
+        if self.schema.settings.document_vectors:
+            rows.append((DOCUMENT_CHUNK, 0, len(doc.text), embedding))
+        vectors = [self._vectors_of(emb) for _, _, _, emb in rows]  # checked before any row
+        for (n, start, end, emb), row in zip(rows, vectors, strict=True):
+            self._row(doc, chunk=n, start=start, end=end, tokens=emb.token_count, vectors=row)
+        self.rows += len(rows)
         self.documents += 1
-        return len(chunks), tokens
+        return len(chunks), sum(emb.token_count for _, _, emb in chunks)
+
+    def _row(
+        self,
+        doc: Document,
+        *,
+        chunk: int,
+        start: int,
+        end: int,
+        tokens: int,
+        vectors: list[tuple[bytes, float]],
+    ) -> None:
+        self._ids.append(doc.id)
+        self._chunks.append(chunk)
+        self._starts.append(start)
+        self._ends.append(end)
+        self._tokens.append(tokens)
+        self._sources.append(doc.source)
+        if self.schema.with_text:
+            self._texts.append(doc.text[start:end])
+            self.nbytes += end - start
+        for i, (data, scale) in enumerate(vectors):
+            self._data[i].append(data)
+            self._scales[i].append(scale)
+            self.nbytes += len(data)
+        for i, column in enumerate(self.schema.metadata):
+            self._meta[i].append(doc.metadata.get(column.field))
 
     def _vectors_of(self, emb: pb.Embedding) -> list[tuple[bytes, float]]:
         """(data, scale) of the main vector and each view, as asked, or BadResult."""

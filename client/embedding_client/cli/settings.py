@@ -33,6 +33,7 @@ class Requested:
     chunk_tokens: int | None = None
     chunk_overlap: int | None = None
     views: tuple[tuple[int, str], ...] = ()
+    document_vectors: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class EmbedSettings:
     chunk_overlap: int
     views: tuple[tuple[int, str], ...]  # resolved dimensions
     native_dimensions: int
+    document_vectors: bool = False  # a row per document beside its chunks' rows
 
     def options(self) -> pb.EmbedOptions:
         msg = pb.EmbedOptions(
@@ -64,7 +66,7 @@ class EmbedSettings:
         return msg
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        settings: dict[str, Any] = {
             "model": self.model,
             "dimensions": self.dimensions,
             "encoding": self.encoding,
@@ -74,6 +76,9 @@ class EmbedSettings:
             "chunk_overlap": self.chunk_overlap,
             "views": [list(v) for v in self.views],
         }
+        if self.document_vectors:  # absent otherwise: datasets made before it still match
+            settings["document_vectors"] = True
+        return settings
 
 
 def parse_view(text: str) -> tuple[int, str]:
@@ -124,6 +129,7 @@ def resolve(req: Requested, info: pb.GetModelInfoResponse) -> EmbedSettings:
         chunk_overlap=overlap,
         views=tuple(views),
         native_dimensions=info.dimension,
+        document_vectors=req.document_vectors,
     )
 
 

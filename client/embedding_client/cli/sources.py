@@ -5,7 +5,11 @@ Formats by extension:
   field is metadata;
 - .csv (with a header row) and .parquet: the same, a record a row;
 - .txt, .md: the whole file is one document, its id the path relative to the input root;
-- .pdf: the text of every page (needs pypdf, the [pdf] extra).
+- .pdf: the text of every page (needs pypdf, the [pdf] extra);
+- .docx, .html/.htm: the text with its headings as Markdown `#` lines (markup.py; the
+  [docx] and [html] extras).
+Whole files (text, PDF, Word, HTML) have the path relative to the input root as their id.
+With a Shard, only the documents it owns are read (whole files) or kept (records).
 Anything else is skipped with a warning. A bad record becomes a Failure naming its file and
 line, and reading goes on.
 """
@@ -25,8 +29,10 @@ from typing import Any
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from embedding_client.cli import markup
 from embedding_client.cli.documents import Document, Failure
 from embedding_client.cli.schema import MetadataTypes
+from embedding_client.cli.shards import WHOLE_CORPUS, Shard
 
 KINDS = {
     ".jsonl": "jsonl",
@@ -35,7 +41,12 @@ KINDS = {
     ".txt": "text",
     ".md": "text",
     ".pdf": "pdf",
+    ".docx": "docx",
+    ".html": "html",
+    ".htm": "html",
 }
+# Kinds that are one document each, read whole.
+WHOLE_FILE_KINDS = frozenset({"text", "pdf", "docx", "html"})
 _PARQUET_BATCH_ROWS = 1024
 
 
@@ -60,11 +71,14 @@ class InputFile:
 
 
 def discover(
-    inputs: Sequence[str | Path], exclude: Sequence[Path] = ()
+    inputs: Sequence[str | Path],
+    exclude: Sequence[Path] = (),
+    skip: Callable[[Path], bool] = lambda _: False,
 ) -> tuple[list[InputFile], list[str]]:
     """The files to read, in a fixed order (inputs as given, directories walked sorted),
-    each once; and the paths skipped for their extension. Hidden files and folders, and
-    anything under `exclude` (the output), are left out of directory walks."""
+    each once; and the paths skipped for their extension. Hidden files and folders,
+    anything under `exclude` (the output) and files for which `skip` is true (the errors
+    files of every shard) are left out of directory walks."""
     excluded = [p.resolve() for p in exclude]
     files: list[InputFile] = []
     skipped: list[str] = []
@@ -72,7 +86,7 @@ def discover(
 
     def add(path: Path, root: Path) -> None:
         real = path.resolve()
-        if real in seen or _under(real, excluded):
+        if real in seen or _under(real, excluded) or skip(real):
             return
         seen.add(real)
         kind = KINDS.get(path.suffix.lower())
@@ -241,23 +255,49 @@ def _text(file: InputFile, fields: Fields) -> Iterator[Document | Failure]:
     yield Document(file.whole_file_id(), text, file.source, None, {}, len(data))
 
 
-def _pdf(file: InputFile, fields: Fields) -> Iterator[Document | Failure]:
+@dataclass(frozen=True)
+class _Format:
+    """A whole-file format read through an optional library."""
+
+    many: str  # as users name such files: "reading {many} needs ..."
+    one: str  # "cannot read {one}: ..."
+    extra: str  # embedding-client's extra that installs the library
+    library: str  # its distribution name
+    extract: Callable[[Path], str]
+
+
+def _pdf_text(path: Path) -> str:
+    import pypdf
+
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # it warns about every odd object
+    return "\n\n".join(page.extract_text() or "" for page in pypdf.PdfReader(path).pages)
+
+
+def _html_file(path: Path) -> str:
+    return markup.html_text(path.read_bytes())
+
+
+_FORMATS = {
+    "pdf": _Format("PDFs", "the PDF", "pdf", "pypdf", _pdf_text),
+    "docx": _Format("Word files", "the Word file", "docx", "python-docx", markup.docx_text),
+    "html": _Format("HTML files", "the HTML file", "html", "beautifulsoup4", _html_file),
+}
+
+
+def _formatted(file: InputFile, fields: Fields) -> Iterator[Document | Failure]:
+    fmt = _FORMATS[file.kind]
     doc_id = file.whole_file_id()
     try:
-        import pypdf
+        text = fmt.extract(file.path)
+        size = len(text.encode("utf-8"))
     except ImportError:
-        message = "reading PDFs needs pypdf: pip install 'embedding-client[pdf]'"
+        extra = f"embedding-client[{fmt.extra}]"
+        message = f"reading {fmt.many} needs {fmt.library}: pip install '{extra}'"
         yield Failure(file.source, None, doc_id, "UNSUPPORTED", message, "read")
         return
-    logging.getLogger("pypdf").setLevel(logging.ERROR)  # it warns about every odd object
-    try:
-        pages = pypdf.PdfReader(file.path).pages
-        text = "\n\n".join(page.extract_text() or "" for page in pages)
-        size = len(text.encode("utf-8"))
-    except Exception as err:  # pypdf raises many kinds for damaged or encrypted files
-        yield Failure(
-            file.source, None, doc_id, "UNREADABLE", f"cannot read the PDF: {err}", "read"
-        )
+    except Exception as err:  # the libraries raise many kinds for damaged or encrypted files
+        message = f"cannot read {fmt.one}: {err}"
+        yield Failure(file.source, None, doc_id, "UNREADABLE", message, "read")
         return
     yield Document(doc_id, text, file.source, None, {}, size)
 
@@ -267,13 +307,20 @@ _READERS: dict[str, Callable[[InputFile, Fields], Iterator[Document | Failure]]]
     "csv": _csv,
     "parquet": _parquet,
     "text": _text,
-    "pdf": _pdf,
+    **dict.fromkeys(_FORMATS, _formatted),
 }
+
+
+def owner(source: str, line: int | None, doc_id: str | None) -> str:
+    """What decides a record's shard: its id, or where it is when it has none."""
+    return doc_id if doc_id is not None else f"{source}:{line or 0}"
 
 
 class Reader:
     """Every document of the inputs in order, each id once: a later duplicate is a Failure,
-    and a document already complete in the output is skipped (counted in `skipped`)."""
+    and a document already complete in the output is skipped (counted in `skipped`). With
+    a shard, only its own documents and failures come out; whole files of other shards
+    are not even opened."""
 
     def __init__(
         self,
@@ -281,17 +328,24 @@ class Reader:
         fields: Fields,
         complete: Set[str],
         on_failure: Callable[[Failure], None],
+        shard: Shard = WHOLE_CORPUS,
     ) -> None:
         self._files = files
         self._fields = fields
         self._complete = complete
         self._on_failure = on_failure
+        self._shard = shard
         self.skipped = 0
 
     def __iter__(self) -> Iterator[Document]:
         first: dict[str, tuple[int, int]] = {}  # id -> (file index, line) of its first record
+        owns = self._shard.owns
         for index, file in enumerate(self._files):
+            if file.kind in WHOLE_FILE_KINDS and not owns(file.whole_file_id()):
+                continue
             for item in read_file(file, self._fields):
+                if not owns(owner(item.source, item.line, item.id)):
+                    continue
                 if isinstance(item, Failure):
                     self._on_failure(item)
                     continue
@@ -317,16 +371,25 @@ class Scan:
     metadata: MetadataTypes = field(default_factory=MetadataTypes)
 
 
-def prescan(files: Sequence[InputFile], fields: Fields, complete: Set[str]) -> Scan:
+# (owner, id) of one record; the id is None for a record the Reader reports as bad.
+_Count = Callable[[str, str | None], None]
+
+
+def prescan(
+    files: Sequence[InputFile], fields: Fields, complete: Set[str], shard: Shard = WHOLE_CORPUS
+) -> Scan:
     """Counts what the Reader will yield or report, and learns the metadata columns' types.
 
-    Whole files (text, PDF) are not opened; Parquet files give their row count and schema,
-    and their ids only when resuming.
+    Whole files are not opened; Parquet files give their row count and schema, and their
+    ids only when resuming or sharded. Only the shard's records are counted, but the
+    metadata types come from every record, so that every shard writes the same columns.
     """
     scan = Scan()
     firsts: set[str] = set()
 
-    def count(doc_id: str | None) -> None:
+    def count(key: str, doc_id: str | None) -> None:
+        if not shard.owns(key):
+            return
         scan.records += 1
         if doc_id is None or not complete:
             scan.todo += 1
@@ -337,25 +400,24 @@ def prescan(files: Sequence[InputFile], fields: Fields, complete: Set[str]) -> S
             scan.todo += doc_id not in complete
 
     for file in files:
-        if file.kind in ("text", "pdf"):
-            count(file.whole_file_id())
+        if file.kind in WHOLE_FILE_KINDS:
+            count(file.whole_file_id(), file.whole_file_id())
         elif file.kind == "parquet":
-            _prescan_parquet(file, fields, complete, scan, count)
+            _prescan_parquet(file, fields, scan, count, complete=complete, shard=shard)
         elif file.kind == "jsonl":
             _prescan_jsonl(file, fields, scan, count)
         else:
             for item in read_file(file, fields):
+                key = owner(item.source, item.line, item.id)
                 if isinstance(item, Document):
                     scan.metadata.observe(item.metadata)
-                    count(item.id)
+                    count(key, item.id)
                 else:
-                    count(None)
+                    count(key, None)
     return scan
 
 
-def _prescan_jsonl(
-    file: InputFile, fields: Fields, scan: Scan, count: Callable[[str | None], None]
-) -> None:
+def _prescan_jsonl(file: InputFile, fields: Fields, scan: Scan, count: _Count) -> None:
     """What _jsonl yields, without building documents: ids and metadata types only."""
     try:
         with open(file.path, "rb") as f:
@@ -366,47 +428,44 @@ def _prescan_jsonl(
                 try:
                     obj = json.loads(line)
                 except ValueError:
-                    count(None)
+                    count(owner(file.source, n, None), None)
                     continue
                 raw_id = obj.get(fields.id) if isinstance(obj, dict) else None
-                if (
-                    isinstance(raw_id, bool)
-                    or not isinstance(raw_id, str | int)
-                    or not isinstance(obj.get(fields.text), str)
-                ):
-                    count(None)  # the Reader reports it
+                if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or raw_id == "":
+                    count(owner(file.source, n, None), None)  # the Reader reports it
+                    continue
+                if not isinstance(obj.get(fields.text), str):
+                    count(str(raw_id), None)  # reported under its id
                     continue
                 scan.metadata.observe(
                     {k: v for k, v in obj.items() if k not in (fields.id, fields.text)}
                 )
-                count(str(raw_id))
+                count(str(raw_id), str(raw_id))
     except OSError:
-        count(None)
+        count(owner(file.source, None, None), None)
 
 
 def _prescan_parquet(
-    file: InputFile,
-    fields: Fields,
-    complete: Set[str],
-    scan: Scan,
-    count: Callable[[str | None], None],
+    file: InputFile, fields: Fields, scan: Scan, count: _Count, *, complete: Set[str], shard: Shard
 ) -> None:
     try:
         parquet = pq.ParquetFile(file.path)
         schema = parquet.schema_arrow
         if _parquet_columns(file, schema, fields) is not None:
-            count(None)
+            count(owner(file.source, None, None), None)
             return
         for name, arrow_type in zip(schema.names, schema.types, strict=True):
             if name not in (fields.id, fields.text):
                 scan.metadata.observe_arrow(name, arrow_type)
-        if not complete:
+        if not complete and shard.whole:
             scan.records += parquet.metadata.num_rows
             scan.todo += parquet.metadata.num_rows
             return
         ids = parquet.read(columns=[fields.id]).column(0).to_pylist()
     except (OSError, pa.ArrowException):
-        count(None)  # the Reader reports it
+        count(owner(file.source, None, None), None)  # the Reader reports it
         return
-    for raw in ids:
-        count(None if raw is None or isinstance(raw, bool) else str(raw))
+    for row, raw in enumerate(ids, 1):
+        valid = raw is not None and not isinstance(raw, bool) and str(raw) != ""
+        doc_id = str(raw) if valid else None
+        count(owner(file.source, row, doc_id), doc_id)

@@ -7,6 +7,10 @@ answered. Items leave in multi-item messages of up to `items_per_message` items 
 whatever is ready while the reader is. Each item goes out under a wire id unique to the
 run, mapped back to its document.
 
+Several runners can share one Feed (`--streams N`), each with its own stream: a runner
+takes documents whenever its window has room, so a faster server gets more of them, and
+every document is taken by exactly one runner, which alone sends it again after a loss.
+
 When the stream fails with a retryable status (UNAVAILABLE while the server restarts, ...)
 or ends early, every item without an answer is sent again on a new stream, after an
 exponential backoff; the run gives up after `retry_timeout` seconds without a result. An
@@ -90,7 +94,7 @@ class Feed:
         self.exhausted = False
         self.error: BaseException | None = None
         self._closed = False
-        self.on_change: Callable[[], None] = lambda: None
+        self._watchers: list[Callable[[], None]] = []
 
     # Reader-thread side.
 
@@ -131,15 +135,23 @@ class Feed:
 
     # Loop side.
 
+    def watch(self, on_change: Callable[[], None]) -> None:
+        """Calls `on_change` whenever documents arrive or the end is reached."""
+        self._watchers.append(on_change)
+
+    def _changed(self) -> None:
+        for on_change in self._watchers:
+            on_change()
+
     def _offer(self, batch: list[Document]) -> None:
         self._batches.append(deque(batch))
         self.available += len(batch)
-        self.on_change()
+        self._changed()
 
     def _end(self, error: BaseException | None) -> None:
         self.exhausted = True
         self.error = error
-        self.on_change()
+        self._changed()
 
     def take(self, n: int, budget: int) -> list[Document]:
         """Up to n documents of at most `budget` bytes together (at least one, if any)."""
@@ -203,7 +215,7 @@ class StreamRunner:
         self._progressed = False
         self._waiting_since = 0.0  # the last answer, or the first send with none pending
         self.streams = 0  # streams opened (1 when nothing failed)
-        feed.on_change = self._wake.set
+        feed.watch(self._wake.set)
 
     @property
     def unfinished(self) -> int:
@@ -410,3 +422,14 @@ class StreamRunner:
         self._delayed -= 1
         self._resend.append(sent)
         self._wake.set()
+
+
+async def run_all(runners: Sequence[StreamRunner]) -> None:
+    """Runs every runner to its end; when one gives up, the others are stopped with it."""
+    tasks = [asyncio.ensure_future(runner.run()) for runner in runners]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

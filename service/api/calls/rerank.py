@@ -18,10 +18,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import numpy.typing as npt
 
-from service.api.runtime import Runtime
+from service import postprocess
+from service.api.calls.metadata import Metadata
+from service.api.runtime import EmbeddingModel, Runtime
 from service.api.validation import RequestOptions
 from service.errors import INPUT_TOO_LONG, InputTooLongError, InvalidInputError
-from service.pipeline import Timing
 from service.tokenization import Truncation
 
 
@@ -55,11 +56,8 @@ class Ranked:
 @dataclass(frozen=True)
 class RerankAnswer:
     results: list[Ranked]  # the top k, best first, or every document in document order
-    model: str
     kind: ScoreKind
-    prompt_tokens: int
-    timing: Timing
-    truncated: int  # documents cut to fit, of all of them (not only the top k)
+    meta: Metadata  # truncated: documents cut to fit, of all of them (not only the top k)
 
 
 async def rerank(rt: Runtime, call: RerankCall) -> RerankAnswer:
@@ -83,18 +81,14 @@ async def rerank(rt: Runtime, call: RerankCall) -> RerankAnswer:
         )
         raw = outcome.logits
         relevance = 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))
+        meta = Metadata(scorer.name, outcome.prompt_tokens, outcome.timing, sum(outcome.truncated))
         return RerankAnswer(
-            _ranked(call, raw, relevance, outcome.truncated),
-            scorer.name,
-            ScoreKind.CROSS_ENCODER,
-            outcome.prompt_tokens,
-            outcome.timing,
-            sum(outcome.truncated),
+            _ranked(call, raw, relevance, outcome.truncated), ScoreKind.CROSS_ENCODER, meta
         )
-    return await _by_cosine(rt, call)
+    return await _by_cosine(rt, rt.embedding_for(call.model), call)
 
 
-async def _by_cosine(rt: Runtime, call: RerankCall) -> RerankAnswer:
+async def _by_cosine(rt: Runtime, model: EmbeddingModel, call: RerankCall) -> RerankAnswer:
     v = rt.validator
     # The query is a query: it gets the model's query prompt unless told otherwise.
     prompt = call.prompt_name or ("" if call.instruction else v.query_prompt_name)
@@ -105,7 +99,7 @@ async def _by_cosine(rt: Runtime, call: RerankCall) -> RerankAnswer:
         max_tokens=call.max_tokens_per_doc,
     )
     try:
-        outcome = await rt.embedder.similarity(
+        outcome = await model.embedder.similarity(
             [call.query],
             call.documents,
             replace(spec, truncation=Truncation.REFUSE),
@@ -119,14 +113,9 @@ async def _by_cosine(rt: Runtime, call: RerankCall) -> RerankAnswer:
         raise query_too_long(exc.tokens, exc.limit) from None
     cosines = outcome.scores[0]
     relevance = np.clip((cosines.astype(np.float64) + 1) / 2, 0.0, 1.0)
-    return RerankAnswer(
-        _ranked(call, cosines, relevance, outcome.documents_truncated),
-        rt.info.model_name,
-        ScoreKind.COSINE,
-        outcome.prompt_tokens,
-        outcome.timing,
-        sum(outcome.documents_truncated),
-    )
+    truncated = outcome.documents_truncated
+    meta = Metadata(model.name, outcome.prompt_tokens, outcome.timing, sum(truncated))
+    return RerankAnswer(_ranked(call, cosines, relevance, truncated), ScoreKind.COSINE, meta)
 
 
 def query_too_long(tokens: int, limit: int) -> InvalidInputError:
@@ -146,7 +135,8 @@ def _ranked(
 ) -> list[Ranked]:
     """The top k, best first (stable on ties), or every document in document order."""
     if call.top_k:
-        indices = np.argsort(-relevance, kind="stable")[: call.top_k].tolist()
+        order, _ = postprocess.top_k(relevance[None, :], call.top_k)
+        indices = order[0].tolist()
     else:
         indices = list(range(len(call.documents)))
     return [Ranked(i, float(relevance[i]), float(raw[i]), bool(truncated[i])) for i in indices]

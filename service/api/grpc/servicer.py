@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -14,22 +16,30 @@ from grpc_status import rpc_status
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
-from service import postprocess
+from service.api.calls.embed import EmbedCall, choose_inputs, embed
 from service.api.calls.rerank import RerankCall, ScoreKind, rerank
+from service.api.calls.similarity import SimilarityCall, similarity
+from service.api.calls.tokenize import TokenizeCall, tokenize
 from service.api.grpc import wire
 from service.api.grpc.status import to_status
 from service.api.grpc.stream import StreamSession, Undecodable
 from service.api.grpc.stream_budget import StreamBudget
 from service.api.runtime import Gate, Runtime
-from service.errors import InvalidInputError
-from service.pipeline import Inputs, TokenInputs
+from service.api.validation import RequestOptions
 
 T = TypeVar("T")
+R = TypeVar("R")
 _SCORE_KINDS = {
     ScoreKind.CROSS_ENCODER: pb.SCORE_KIND_CROSS_ENCODER,
     ScoreKind.COSINE: pb.SCORE_KIND_COSINE,
 }
 Context = grpc.aio.ServicerContext[object, object]
+
+
+@dataclass(frozen=True)
+class _Call:
+    started: float  # perf_counter() as the call began: its total time runs from here
+    deadline: float | None  # monotonic(), from the caller's gRPC deadline
 
 
 def _deadline(context: Context) -> float | None:
@@ -82,9 +92,22 @@ def _serialize(message: Message) -> bytes:
 
 
 def model_info(rt: Runtime, stream_max_inflight: int) -> pb.GetModelInfoResponse:
-    info, card, limits = rt.info, rt.card, rt.limits
+    """The embedding model's facts at the top level (empty on a rerank-only server), every
+    served model in `models`, and the limits both share."""
+    limits = rt.limits
+    # The same names as ServerLimits' fields; min_dimensions is reported at the top level.
+    fields = {k: v for k, v in dataclasses.asdict(limits).items() if k != "min_dimensions"}
+    served = pb.ServerLimits(**fields, stream_max_inflight=stream_max_inflight)
+    models = [
+        pb.ServedModel(names=model.names, kind=kind, max_input_tokens=model.info.max_input_tokens)
+        for kind, model in rt.served
+    ]
+    embedding = rt.embedding
+    if embedding is None:
+        return pb.GetModelInfoResponse(limits=served, models=models)
+    info, card = embedding.info, embedding.card
     return pb.GetModelInfoResponse(
-        model=info.model_name,
+        model=embedding.name,
         dimension=info.dimension,
         min_dimensions=limits.min_dimensions,
         max_dimensions=info.dimension,
@@ -94,49 +117,9 @@ def model_info(rt: Runtime, stream_max_inflight: int) -> pb.GetModelInfoResponse
         prompts=card.prompts,
         dtype=info.dtype,
         pooling=card.pooling or info.pooling,
-        limits=pb.ServerLimits(
-            max_inputs_per_request=limits.max_inputs_per_request,
-            max_input_chars=limits.max_input_chars,
-            max_batch_tokens=limits.max_batch_tokens,
-            max_batch_items=limits.max_batch_items,
-            max_queue_tokens=limits.max_queue_tokens,
-            max_queue_items=limits.max_queue_items,
-            max_request_bytes=limits.max_request_bytes,
-            max_request_tokens=limits.max_request_tokens,
-            stream_max_inflight=stream_max_inflight,
-        ),
-        models=served_models(rt),
+        limits=served,
+        models=models,
     )
-
-
-def served_models(rt: Runtime) -> list[pb.ServedModel]:
-    info = rt.info
-    models = [
-        pb.ServedModel(
-            names=rt.model_names or [info.model_name],
-            kind="embed",
-            max_input_tokens=info.max_input_tokens,
-        )
-    ]
-    if rt.scorer is not None:
-        scorer = rt.scorer
-        models.append(
-            pb.ServedModel(
-                names=scorer.names, kind="score", max_input_tokens=scorer.info.max_input_tokens
-            )
-        )
-    return models
-
-
-def _embed_inputs(request: pb.EmbedRequest, rt: Runtime) -> tuple[Inputs, str]:
-    """The request's texts or token ids, checked, with the field that names them."""
-    if request.inputs and request.tokens:
-        raise InvalidInputError("tokens", "set either inputs or tokens, not both")
-    if request.tokens:
-        rt.validator.count(len(request.tokens), "tokens", "token-id inputs")
-        return TokenInputs([t.ids for t in request.tokens]), "tokens"
-    rt.validator.texts(request.inputs, "inputs")
-    return request.inputs, "inputs"
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -156,14 +139,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._send_timing = send_timing_metadata
         self._model_info: tuple[Runtime, pb.GetModelInfoResponse] | None = None
 
+    def _options(self, options: pb.EmbedOptions) -> RequestOptions:
+        return wire.request_options(options, self._truncate)
+
     async def _answer(
-        self, request: object, context: Context, handler: Callable[[Runtime], Awaitable[T]]
+        self, request: R, context: Context, handler: Callable[[Runtime, R, _Call], Awaitable[T]]
     ) -> T:
         """Run a unary handler; every failure leaves as one precise status."""
+        call = _Call(time.perf_counter(), _deadline(context))
         try:
             if isinstance(request, Undecodable):
                 raise request.invalid("request")
-            response = await handler(self._gate.runtime())
+            response = await handler(self._gate.runtime(), request, call)
             timing = getattr(response, "timing", None)
             if self._send_timing and isinstance(timing, pb.Timing):
                 context.set_trailing_metadata(wire.timing_metadata(timing))
@@ -174,137 +161,117 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await context.abort_with_status(rpc_status.to_status(to_status(exc)))
             raise  # abort_with_status raises; this keeps type checkers honest
 
+    # The RPCs: each decodes its request into a call, and encodes the call's answer.
+
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        started = time.perf_counter()
-
-        async def handle(rt: Runtime) -> pb.EmbedResponse:
-            inputs, field = _embed_inputs(request, rt)
-            spec = rt.validator.options(
-                wire.request_options(request.options, self._truncate),
-                token_inputs=isinstance(inputs, TokenInputs),
-            )
-            outcome = await rt.embedder.embed(inputs, spec, field, _deadline(context))
-            tokens = outcome.prompt_tokens
-            return pb.EmbedResponse(
-                embeddings=wire.embeddings(outcome, spec),
-                model=rt.info.model_name,
-                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
-                timing=wire.timing(outcome.timing, started),
-            )
-
-        return await self._answer(request, context, handle)
+        return await self._answer(request, context, self._embed)
 
     async def Similarity(
         self, request: pb.SimilarityRequest, context: Context
     ) -> pb.SimilarityResponse:
-        started = time.perf_counter()
-
-        async def handle(rt: Runtime) -> pb.SimilarityResponse:
-            v = rt.validator
-            v.texts(request.queries, "queries")
-            v.texts(request.documents, "documents")
-            v.count(len(request.queries) + len(request.documents), "queries+documents")
-            spec = v.options(wire.request_options(request.options, self._truncate))
-            for name, unused in (
-                ("encoding", spec.encoding is not postprocess.Encoding.FLOAT32),
-                ("chunking", spec.chunking is not None),
-                ("views", bool(spec.views)),
-            ):
-                if unused:
-                    raise InvalidInputError(f"options.{name}", "does not apply to Similarity")
-            outcome = await rt.embedder.similarity(
-                request.queries, request.documents, spec, _deadline(context)
-            )
-            tokens = outcome.prompt_tokens
-            return pb.SimilarityResponse(
-                results=_similarity_results(outcome.scores, request.top_k),
-                model=rt.info.model_name,
-                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
-                timing=wire.timing(outcome.timing, started),
-            )
-
-        return await self._answer(request, context, handle)
+        return await self._answer(request, context, self._similarity)
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
     ) -> pb.GetModelInfoResponse:
-        async def handle(rt: Runtime) -> pb.GetModelInfoResponse:
-            if self._model_info is None or self._model_info[0] is not rt:
-                self._model_info = (rt, model_info(rt, self._streams.per_stream))
-            return self._model_info[1]
-
-        return await self._answer(request, context, handle)
+        return await self._answer(request, context, self._get_model_info)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
-        async def handle(rt: Runtime) -> pb.TokenizeResponse:
-            rt.validator.texts(request.inputs, "inputs")
-            spec = rt.validator.options(wire.request_options(request.options, self._truncate))
-            results = await rt.embedder.tokenize(request.inputs, spec, "inputs")
-            return pb.TokenizeResponse(
-                results=[wire.tokenized(r) for r in results], model=rt.info.model_name
-            )
-
-        return await self._answer(request, context, handle)
+        return await self._answer(request, context, self._tokenize)
 
     async def Rerank(self, request: pb.RerankRequest, context: Context) -> pb.RerankResponse:
-        started = time.perf_counter()
+        return await self._answer(request, context, self._rerank)
 
-        async def handle(rt: Runtime) -> pb.RerankResponse:
-            answer = await rerank(
-                rt,
-                RerankCall(
-                    query=request.query,
-                    documents=request.documents,
-                    top_k=request.top_k,
-                    instruction=request.instruction,
-                    max_tokens_per_doc=request.max_tokens_per_doc,
-                    model=request.model or None,
-                    deadline=_deadline(context),
-                ),
-            )
-            tokens = answer.prompt_tokens
-            return pb.RerankResponse(
-                results=[
-                    pb.RankedDocument(
-                        index=r.index,
-                        relevance_score=r.relevance,
-                        raw_score=r.raw,
-                        truncated=r.truncated,
-                        document=request.documents[r.index] if request.return_documents else "",
-                    )
-                    for r in answer.results
-                ],
-                model=answer.model,
-                score_kind=_SCORE_KINDS[answer.kind],
-                usage=pb.Usage(prompt_tokens=tokens, total_tokens=tokens),
-                timing=wire.timing(answer.timing, started),
-            )
+    async def _embed(self, rt: Runtime, request: pb.EmbedRequest, call: _Call) -> pb.EmbedResponse:
+        answer = await embed(
+            rt,
+            EmbedCall(
+                inputs=choose_inputs(request.inputs, [t.ids for t in request.tokens]),
+                options=self._options(request.options),
+                field="tokens" if request.tokens else "inputs",
+                deadline=call.deadline,
+            ),
+        )
+        return pb.EmbedResponse(
+            embeddings=[wire.embedding(e) for e in answer.embeddings],
+            **wire.metadata(answer.meta, call.started),
+        )
 
-        return await self._answer(request, context, handle)
+    async def _similarity(
+        self, rt: Runtime, request: pb.SimilarityRequest, call: _Call
+    ) -> pb.SimilarityResponse:
+        options = self._options(request.options)
+        answer = await similarity(
+            rt,
+            SimilarityCall(
+                request.queries, request.documents, options, request.top_k, deadline=call.deadline
+            ),
+        )
+        rows = [pb.SimilarityResult(scores=row) for row in answer.rows]
+        tops = [
+            pb.SimilarityResult(
+                top_k=[pb.ScoredDocument(index=d.index, score=d.score) for d in best]
+            )
+            for best in answer.top
+        ]
+        return pb.SimilarityResponse(
+            results=rows + tops, **wire.metadata(answer.meta, call.started)
+        )
+
+    async def _get_model_info(
+        self, rt: Runtime, request: pb.GetModelInfoRequest, call: _Call
+    ) -> pb.GetModelInfoResponse:
+        if self._model_info is None or self._model_info[0] is not rt:
+            self._model_info = (rt, model_info(rt, self._streams.per_stream))
+        return self._model_info[1]
+
+    async def _tokenize(
+        self, rt: Runtime, request: pb.TokenizeRequest, call: _Call
+    ) -> pb.TokenizeResponse:
+        answer = await tokenize(rt, TokenizeCall(request.inputs, self._options(request.options)))
+        results = [wire.tokenized(r) for r in answer.results]
+        return pb.TokenizeResponse(results=results, model=answer.model)
+
+    async def _rerank(
+        self, rt: Runtime, request: pb.RerankRequest, call: _Call
+    ) -> pb.RerankResponse:
+        answer = await rerank(
+            rt,
+            RerankCall(
+                query=request.query,
+                documents=request.documents,
+                top_k=request.top_k,
+                instruction=request.instruction,
+                max_tokens_per_doc=request.max_tokens_per_doc,
+                model=request.model or None,
+                deadline=call.deadline,
+            ),
+        )
+        with_text = request.return_documents
+        results = [
+            pb.RankedDocument(
+                index=r.index,
+                relevance_score=r.relevance,
+                raw_score=r.raw,
+                truncated=r.truncated,
+                document=request.documents[r.index] if with_text else "",
+            )
+            for r in answer.results
+        ]
+        return pb.RerankResponse(
+            results=results,
+            score_kind=_SCORE_KINDS[answer.kind],
+            **wire.metadata(answer.meta, call.started),
+        )
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
         try:
             rt = self._gate.runtime()
+            session = StreamSession(rt, self._streams, _deadline(context), self._truncate)
         except Exception as exc:
             await context.abort_with_status(rpc_status.to_status(to_status(exc)))
             return
-        session = StreamSession(rt, self._streams, _deadline(context), self._truncate)
         async for response in session.run(request_iterator):
             yield response
-
-
-def _similarity_results(scores: postprocess.FloatMatrix, k: int) -> list[pb.SimilarityResult]:
-    if k <= 0:
-        return [pb.SimilarityResult(scores=row.tolist()) for row in scores]
-    order, best = postprocess.top_k(scores, k)
-    return [
-        pb.SimilarityResult(
-            top_k=[
-                pb.ScoredDocument(index=i, score=s)
-                for i, s in zip(idx.tolist(), sc.tolist(), strict=True)
-            ]
-        )
-        for idx, sc in zip(order, best, strict=True)
-    ]

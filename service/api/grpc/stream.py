@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
 from embedding.v1 import embedding_pb2 as pb
+from service.api.calls.embed import encode_outcome
 from service.api.grpc import wire
 from service.api.grpc.status import to_status
 from service.api.grpc.stream_budget import StreamBudget
@@ -71,6 +72,7 @@ class StreamSession:
         self, rt: Runtime, budget: StreamBudget, deadline: float | None, default_truncate: str
     ) -> None:
         self._rt = rt
+        self._embedder = rt.embedding_for(None).embedder  # raises on a rerank-only server
         self._truncate = default_truncate
         self._deadline = deadline
         self._slots = budget.share()
@@ -204,7 +206,7 @@ class StreamSession:
         """Items with the same options: one pipeline call, one encoding pass."""
         texts = [item.input for item in items]
         try:
-            outcomes = await self._rt.embedder.embed_bulk(
+            outcomes = await self._embedder.embed_bulk(
                 texts, spec, "input", self._deadline, flow=self
             )
         except asyncio.CancelledError:
@@ -218,8 +220,9 @@ class StreamSession:
         ]
         if good:
             merged = EmbedOutcome.join([o for _, o in good])
-            for (item, ok), embedding in zip(good, wire.embeddings(merged, spec), strict=True):
-                answers.embedding(item, embedding, ok)
+            embeddings = encode_outcome(merged, spec)
+            for (item, ok), embedding in zip(good, embeddings, strict=True):
+                answers.embedding(item, wire.embedding(embedding), ok)
         for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 answers.error(item, outcome)

@@ -3,35 +3,27 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from embedding.v1 import embedding_pb2 as pb
 from service import postprocess
+from service.api.calls.embed import Embedding
+from service.api.calls.metadata import Metadata
 from service.api.validation import RequestOptions, ViewOptions
-from service.pipeline import EmbedOutcome, EmbedSpec, Timing, view_vectors
+from service.pipeline import Timing
 from service.telemetry import names
-from service.tokenization import TokenSpans
+from service.tokenization import TokenSpans, Truncation
 
-# Enum values by the names the validator knows; an unknown number is passed on as its
-# digits, so the validator refuses it naming the field.
-_TRUNCATE_NAMES = {
-    pb.TRUNCATE_UNSPECIFIED: "",
-    pb.TRUNCATE_REFUSE: "refuse",
-    pb.TRUNCATE_END: "end",
-    pb.TRUNCATE_START: "start",
+# Enum values by the names the validator knows, derived from the names both sides share
+# (TRUNCATE_END <-> Truncation.END, ENCODING_INT8 <-> Encoding.INT8); an unknown number is
+# passed on as its digits, so the validator refuses it naming the field.
+_TRUNCATE_NAMES = {pb.TRUNCATE_UNSPECIFIED: ""} | {
+    pb.Truncate.Value(f"TRUNCATE_{t.name}"): t.value for t in Truncation
 }
-_ENCODING_NAMES = {
-    pb.ENCODING_UNSPECIFIED: "",
-    pb.ENCODING_FLOAT32: "float32",
-    pb.ENCODING_FLOAT16: "float16",
-    pb.ENCODING_INT8: "int8",
-    pb.ENCODING_BINARY: "binary",
+_ENCODING_NAMES = {pb.ENCODING_UNSPECIFIED: ""} | {
+    pb.Encoding.Value(f"ENCODING_{e.name}"): e.value for e in postprocess.Encoding
 }
-WIRE_ENCODING = {
-    postprocess.Encoding.FLOAT32: pb.ENCODING_FLOAT32,
-    postprocess.Encoding.FLOAT16: pb.ENCODING_FLOAT16,
-    postprocess.Encoding.INT8: pb.ENCODING_INT8,
-    postprocess.Encoding.BINARY: pb.ENCODING_BINARY,
-}
+_WIRE_ENCODING = {e: pb.Encoding.Value(f"ENCODING_{e.name}") for e in postprocess.Encoding}
 
 
 def request_options(opts: pb.EmbedOptions, default_truncate: str) -> RequestOptions:
@@ -87,32 +79,38 @@ def timing_metadata(t: pb.Timing) -> tuple[tuple[str, str], ...]:
     )
 
 
-def embeddings(outcome: EmbedOutcome, spec: EmbedSpec) -> list[pb.Embedding]:
-    encoded = postprocess.encode(outcome.vectors, spec.encoding)
-    wire = WIRE_ENCODING[spec.encoding]
-    out = [
-        pb.Embedding(
-            data=e.data,
-            dimensions=spec.dimensions,
-            encoding=wire,
-            scale=e.scale,
-            token_count=len(inp.ids),
-            truncated=inp.truncated,
-        )
-        for e, inp in zip(encoded, outcome.inputs, strict=True)
-    ]
-    for view, vectors in view_vectors(outcome, spec):
-        view_wire = WIRE_ENCODING[view.encoding]
-        for embedding, e in zip(out, postprocess.encode(vectors, view.encoding), strict=True):
-            embedding.views.append(
-                pb.ViewData(
-                    data=e.data, dimensions=view.dimensions, encoding=view_wire, scale=e.scale
-                )
+def embedding(e: Embedding) -> pb.Embedding:
+    v = e.vector
+    return pb.Embedding(
+        data=v.data,
+        dimensions=v.dimensions,
+        encoding=_WIRE_ENCODING[v.encoding],
+        scale=v.scale,
+        token_count=e.token_count,
+        truncated=e.truncated,
+        views=[
+            pb.ViewData(
+                data=w.data,
+                dimensions=w.dimensions,
+                encoding=_WIRE_ENCODING[w.encoding],
+                scale=w.scale,
             )
-    for embedding, chunks in zip(out, outcome.chunks or (), strict=False):
-        for (start, end), part in zip(chunks.spans, embeddings(chunks.outcome, spec), strict=True):
-            embedding.chunks.append(pb.Chunk(char_start=start, char_end=end, embedding=part))
-    return out
+            for w in e.views
+        ],
+        chunks=[
+            pb.Chunk(char_start=c.char_start, char_end=c.char_end, embedding=embedding(c.embedding))
+            for c in e.chunks
+        ],
+    )
+
+
+def metadata(meta: Metadata, started: float) -> dict[str, Any]:
+    """A response's `model`, `usage` and `timing` fields, which every unary answer has."""
+    return {
+        "model": meta.model,
+        "usage": pb.Usage(prompt_tokens=meta.prompt_tokens, total_tokens=meta.prompt_tokens),
+        "timing": timing(meta.timing, started),
+    }
 
 
 def tokenized(t: TokenSpans) -> pb.TokenizedInput:

@@ -22,7 +22,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +37,10 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from service import postprocess
+from service.api.calls.embed import EmbedCall, Embedding, Vector, embed
+from service.api.calls.metadata import Metadata
 from service.api.calls.rerank import RerankCall, rerank
+from service.api.calls.tokenize import TokenizeCall, tokenize
 from service.api.http import schemas
 from service.api.http.errors import error_response, protocol_error
 from service.api.keys import MISSING_KEY_MESSAGE, ApiKeys, presented_key
@@ -45,7 +48,7 @@ from service.api.problems import Kind, Problem, describe
 from service.api.runtime import Gate, Runtime
 from service.api.validation import RequestOptions, ViewOptions
 from service.errors import InvalidInputError, NotReadyError
-from service.pipeline import EmbedOutcome, EmbedSpec, Inputs, Timing, TokenInputs, view_vectors
+from service.pipeline import Inputs, Timing, TokenInputs
 from service.telemetry import names
 from service.tokenization import Truncation
 
@@ -56,12 +59,6 @@ S = TypeVar("S", bound=msgspec.Struct)
 CLIENT_GONE = 499
 
 _JSON = "application/json"
-_NUMBER_DTYPE: dict[postprocess.Encoding, np.dtype[Any]] = {
-    postprocess.Encoding.FLOAT32: np.dtype("<f4"),
-    postprocess.Encoding.FLOAT16: np.dtype("<f2"),
-    postprocess.Encoding.INT8: np.dtype("i1"),
-    postprocess.Encoding.BINARY: np.dtype("u1"),
-}
 _INPUT_TYPES = ("query", "document")
 _INPUT_FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
 # How many inputs (rerank: documents) of the request were cut to fit; sent on every answer.
@@ -323,19 +320,13 @@ class HttpApi:
 
     async def _embeddings(self, rt: Runtime, req: schemas.EmbeddingsRequest) -> Response:
         started = time.perf_counter()
-        rt.check_model(req.model)
+        rt.embedding_for(req.model)  # before the body's contents: a wrong model says so
         if req.input is msgspec.UNSET:
             raise _invalid("input", "is required")
         if req.encoding_format not in ("float", "base64"):
             raise _invalid(
                 "encoding_format", f"unknown value {req.encoding_format!r} (float or base64)"
             )
-        inputs = texts_or_tokens(req.input)
-        tokens = isinstance(inputs, TokenInputs)
-        if isinstance(inputs, TokenInputs):
-            rt.validator.count(len(inputs), "input", "token-id inputs")
-        else:
-            rt.validator.texts(inputs, "input")
         chunking, views = req.chunking, req.views or []
         opts = RequestOptions(
             instruction=req.instruction or "",
@@ -348,25 +339,24 @@ class HttpApi:
             chunk_overlap_tokens=chunking.overlap_tokens if chunking else 0,
             views=tuple(ViewOptions(v.dimensions, v.encoding or "") for v in views),
         )
-        spec = rt.validator.options(opts, prefix="", token_inputs=tokens)
-        outcome = await rt.embedder.embed(inputs, spec, "input", None)
-        data = _data(outcome, spec, req.encoding_format == "base64")
-        truncated = [t.truncated for t in outcome.inputs]
-        for item, cut in zip(data, truncated, strict=True):
-            if cut:
-                item["truncated"] = True
-        n = outcome.prompt_tokens
-        body = {
-            "object": "list",
-            "data": data,
-            "model": rt.info.model_name,
-            "usage": {"prompt_tokens": n, "total_tokens": n},
-        }
-        return _json(body, self._headers(sum(truncated), outcome.timing, started))
+        call = EmbedCall(
+            texts_or_tokens(req.input), opts, field="input", options_field="", model=req.model
+        )
+        answer = await embed(rt, call)
+        as_base64 = req.encoding_format == "base64"
+        data = [
+            {"object": "embedding", "index": i, **_item(e, as_base64)}
+            for i, e in enumerate(answer.embeddings)
+        ]
+        meta = answer.meta
+        body = {"object": "list", "data": data, "model": meta.model, "usage": _usage(meta)}
+        return _json(body, self._headers(meta, started))
 
-    def _headers(self, truncated: int, timing: Timing, started: float) -> dict[str, str]:
-        headers = _timing_headers(timing, started) if self._timing_headers else {}
-        headers[TRUNCATED_INPUTS_HEADER] = str(truncated)
+    def _headers(self, meta: Metadata, started: float) -> dict[str, str]:
+        headers = {}
+        if self._timing_headers and meta.timing is not None:
+            headers = _timing_headers(meta.timing, started)
+        headers[TRUNCATED_INPUTS_HEADER] = str(meta.truncated)
         return headers
 
     # ----------------------------------------------------------------------- rerank
@@ -408,14 +398,13 @@ class HttpApi:
             if ranked.truncated:
                 result["truncated"] = True
             results.append(result)
-        headers = self._headers(answer.truncated, answer.timing, started)
+        headers = self._headers(answer.meta, started)
         if shape.tei:
             return _json(results, headers)
-        n = answer.prompt_tokens
         body = {
             "results": results,
-            "model": answer.model,
-            "usage": {"prompt_tokens": n, "total_tokens": n},
+            "model": answer.meta.model,
+            "usage": _usage(answer.meta),
             "score_kind": answer.kind.value,
             "score_formula": schemas.SCORE_FORMULAS[answer.kind.value, req.raw_scores],
         }
@@ -424,16 +413,15 @@ class HttpApi:
     # --------------------------------------------------------------------- tokenize
 
     async def _tokenize(self, rt: Runtime, req: schemas.TokenizeRequest) -> Response:
-        rt.check_model(req.model)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        rt.validator.texts(texts, "input")
+        rt.embedding_for(req.model)
         opts = RequestOptions(
             instruction=req.instruction or "",
             prompt_name=_prompt_name(rt, req),
             truncate=req.truncate or self._default_truncate,
         )
-        spec = rt.validator.options(opts, prefix="")
-        results = await rt.embedder.tokenize(texts, spec, "input")
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        call = TokenizeCall(texts, opts, field="input", options_field="", model=req.model)
+        answer = await tokenize(rt, call)
         data = [
             {
                 "index": i,
@@ -442,29 +430,26 @@ class HttpApi:
                 "text_start": r.text_start,
                 "truncated": r.truncated,
             }
-            for i, r in enumerate(results)
+            for i, r in enumerate(answer.results)
         ]
-        return _json({"model": rt.info.model_name, "data": data})
+        return _json({"model": answer.model, "data": data})
 
     # ----------------------------------------------------------------------- models
 
     async def _models(self, rt: Runtime, _: None) -> Response:
         """One card per name each model answers to (as vLLM lists its served names), the
         embedding model's first, with its kind: "embed" or "score" (a reranker)."""
-        models = [(rt.model_names, "embed", rt.info.max_input_tokens)]
-        if rt.scorer is not None:
-            models.append((rt.scorer.names, "score", rt.scorer.info.max_input_tokens))
         cards = [
             {
                 "id": name,
                 "object": "model",
                 "created": self._created,
                 "owned_by": "embedding-service",
-                "max_model_len": window,
+                "max_model_len": model.info.max_input_tokens,
                 "kind": kind,
             }
-            for names, kind, window in models
-            for name in names
+            for kind, model in rt.served
+            for name in model.names
         ]
         return _json({"object": "list", "data": cards})
 
@@ -530,47 +515,43 @@ def _truncate_name(value: str | bool | None) -> str:
     return value or ""
 
 
-def _data(outcome: EmbedOutcome, spec: EmbedSpec, as_base64: bool) -> list[dict[str, Any]]:
-    """One OpenAI `data` item per input, with its views and chunks when asked."""
-    out = [
-        {"object": "embedding", "index": i, **vector}
-        for i, vector in enumerate(_vectors(outcome.vectors, spec.encoding, as_base64))
-    ]
-    for view, vectors in view_vectors(outcome, spec):
-        described = {"dimensions": view.dimensions, "encoding": view.encoding.value}
-        for item, vector in zip(out, _vectors(vectors, view.encoding, as_base64), strict=True):
-            item.setdefault("views", []).append({**described, **vector})
-    for item, chunks in zip(out, outcome.chunks or (), strict=False):
-        parts = _data(chunks.outcome, spec, as_base64)
+def _usage(meta: Metadata) -> dict[str, int]:
+    return {"prompt_tokens": meta.prompt_tokens, "total_tokens": meta.prompt_tokens}
+
+
+def _item(e: Embedding, as_base64: bool) -> dict[str, Any]:
+    """One input's OpenAI `data` fields, with its views and chunks when asked; a cut input
+    says so."""
+    item = _vector(e.vector, as_base64)
+    if e.views:
+        item["views"] = [
+            {"dimensions": v.dimensions, "encoding": v.encoding.value, **_vector(v, as_base64)}
+            for v in e.views
+        ]
+    if e.chunks:
         item["chunks"] = [
             {
-                "char_start": start,
-                "char_end": end,
-                "token_count": len(tokens.ids),
-                **{k: v for k, v in part.items() if k not in ("object", "index")},
+                "char_start": c.char_start,
+                "char_end": c.char_end,
+                "token_count": c.embedding.token_count,
             }
-            for (start, end), tokens, part in zip(
-                chunks.spans, chunks.outcome.inputs, parts, strict=True
-            )
+            | _item(c.embedding, as_base64)
+            for c in e.chunks
         ]
-    return out
+    if e.truncated:
+        item["truncated"] = True
+    return item
 
 
-def _vectors(
-    vectors: postprocess.FloatMatrix, encoding: postprocess.Encoding, as_base64: bool
-) -> list[dict[str, Any]]:
-    """Per row, `embedding` as numbers (orjson writes the arrays) or base64 bytes, and the
-    int8 `scale`."""
-    if encoding is postprocess.Encoding.FLOAT32 and not as_base64:
-        return [{"embedding": row} for row in vectors]  # float32 rows, serialized as they are
-    encoded = postprocess.encode(vectors, encoding)
+def _vector(v: Vector, as_base64: bool) -> dict[str, Any]:
+    """`embedding` as numbers (orjson writes the array) or base64 bytes, and int8's `scale`."""
     if as_base64:
-        rows: Sequence[Any] = [base64.b64encode(e.data).decode("ascii") for e in encoded]
+        out: dict[str, Any] = {"embedding": base64.b64encode(v.data).decode("ascii")}
     else:
-        rows = [np.frombuffer(e.data, _NUMBER_DTYPE[encoding]) for e in encoded]
-    if encoding is postprocess.Encoding.INT8:
-        return [{"embedding": r, "scale": e.scale} for r, e in zip(rows, encoded, strict=True)]
-    return [{"embedding": r} for r in rows]
+        out = {"embedding": np.frombuffer(v.data, postprocess.DTYPES[v.encoding])}
+    if v.encoding is postprocess.Encoding.INT8:
+        out["scale"] = v.scale
+    return out
 
 
 class _Refusal(Exception):
