@@ -160,6 +160,23 @@ def test_open_webui_and_the_cohere_sdk_get_the_cross_encoders_scores(rig: Rig) -
     )
 
 
+def test_llamaindex_jina_reranker_gets_the_cross_encoders_scores(rig: Rig) -> None:
+    """LlamaIndex's JinaRerank node postprocessor, unchanged, pointed at the service."""
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.jinaai_rerank import JinaRerank
+
+    documents = [*DOCUMENTS, rig.too_long]
+    reference = rig.reference(rig.model_dir, QUERY, documents)
+    nodes = [NodeWithScore(node=TextNode(text=d, id_=str(i))) for i, d in enumerate(documents)]
+    reranker = JinaRerank(base_url=rig.server.base_url, api_key="unused", model=rig.name, top_n=4)
+    ranked = reranker.postprocess_nodes(nodes, query_str=QUERY)
+    order = np.argsort(-reference.probabilities, kind="stable")[:4].tolist()
+    assert [int(n.node.node_id) for n in ranked] == order
+    np.testing.assert_allclose(
+        [n.score for n in ranked], reference.probabilities[order], atol=TOLERANCE
+    )
+
+
 def test_the_cap_on_document_tokens_and_a_query_too_long(rig: Rig, bert_reranker_dir: Path) -> None:
     if rig.model_dir != bert_reranker_dir:
         pytest.skip("the reference's cap is sentence-transformers' (BERT)")
