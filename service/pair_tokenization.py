@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tokenizers import Tokenizer
 
@@ -209,6 +209,14 @@ def token_type_rule(tokenizer: Tokenizer) -> TokenTypeRule | None:
     return TokenTypeRule(separator, before[:cut].count(separator))
 
 
+class PairOptions(TypedDict, total=False):
+    """What a rerank call may ask of the pairs (see PairTokenizer.pairs)."""
+
+    instruction: str
+    max_tokens_per_doc: int
+    field_prefix: str
+
+
 class PairTokenizer:
     """Builds the model inputs of (query, document) pairs; documents are cut, never refused."""
 
@@ -248,13 +256,7 @@ class PairTokenizer:
         return ""
 
     async def pairs(
-        self,
-        query: str,
-        documents: Sequence[str],
-        *,
-        instruction: str = "",
-        max_tokens_per_doc: int = 0,
-        field_prefix: str = "",
+        self, query: str, documents: Sequence[str], **options: Unpack[PairOptions]
     ) -> list[TokenizedInput]:
         """One model input per document, in order; `truncated` says the document was cut.
 
@@ -263,14 +265,7 @@ class PairTokenizer:
         (0: only the window does). Errors are InvalidInputError naming
         f"{field_prefix}query", "...instruction" or "...max_tokens_per_doc".
         """
-        work = functools.partial(
-            self.pairs_sync,
-            query,
-            documents,
-            instruction=instruction,
-            max_tokens_per_doc=max_tokens_per_doc,
-            field_prefix=field_prefix,
-        )
+        work = functools.partial(self.pairs_sync, query, documents, **options)
         if len(query) + sum(map(len, documents)) <= self._inline_chars:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)

@@ -167,38 +167,65 @@ class NoStages:
         pass
 
 
+_NO_STAGES = NoStages()
+
+
+@dataclass(frozen=True)
+class EngineQueue:
+    """One model's way to its engine: the batcher (or the vector cache in front of it), the
+    per-request token limit, and the telemetry of each call's stages."""
+
+    batcher: ItemSubmitter
+    max_request_tokens: int
+    telemetry: StageObserver | None = None  # None: no telemetry
+
+    @property
+    def stages(self) -> StageObserver:
+        return self.telemetry or _NO_STAGES
+
+    def check_deadline(self, deadline: float | None) -> None:
+        check_deadline(self.batcher, deadline)
+
+    async def run_interactive(
+        self, units: list[TokenizedInput], field: str, deadline: float | None
+    ) -> list[ItemResult]:
+        """One interactive call's engine items, all admitted together within the
+        per-request token limit (TOO_MANY_TOKENS tells a client to split), or none."""
+        self.stages.tokenized(units)
+        total = sum(len(t.ids) for t in units)
+        if total > self.max_request_tokens:
+            raise InvalidInputError(
+                field,
+                f"{total} tokens in one request exceed the limit of {self.max_request_tokens}",
+                TOO_MANY_TOKENS,
+            )
+        submitted_ns = time.time_ns()
+        ids = [t.ids for t in units]
+        futures = self.batcher.submit(ids, Priority.INTERACTIVE, deadline, self.stages.caller())
+        results = await gather_items(futures)
+        self.stages.batched(submitted_ns, results)
+        return results
+
+
 class Embedder:
-    def __init__(
-        self,
-        tokenizer: TextTokenizer,
-        batcher: ItemSubmitter,
-        max_request_tokens: int,
-        stages: StageObserver | None = None,
-    ) -> None:
+    def __init__(self, tokenizer: TextTokenizer, queue: EngineQueue) -> None:
         self._tokenizer = tokenizer
-        self._batcher = batcher
-        self._max_request_tokens = max_request_tokens
-        self._stages: StageObserver = stages or NoStages()
+        self._queue = queue
+        self._batcher = queue.batcher
+        self._stages = queue.stages
 
     async def embed(
         self, texts: Inputs, spec: EmbedSpec, field: str, deadline: float | None
     ) -> EmbedOutcome:
         """Interactive path: all inputs are admitted together or the call is refused."""
-        self._check_deadline(deadline)
+        self._queue.check_deadline(deadline)
         stages = self._stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
             prepared: list[Prepared] = all_or_raise(await self._prepare(texts, spec, field))
         tokenized = time.perf_counter()
         units = [t for p in prepared for t in _units(p)]
-        results = await run_interactive(
-            self._batcher,
-            units,
-            max_request_tokens=self._max_request_tokens,
-            field=field,
-            deadline=deadline,
-            stages=stages,
-        )
+        results = await self._queue.run_interactive(units, field, deadline)
         with stages.stage("postprocess"):
             return _assemble(prepared, results, spec, tokenized - started)
 
@@ -317,9 +344,6 @@ class Embedder:
         """The ids `embed` would send the engine for each text, with their spans."""
         return await self._tokenizer.spans(texts, spec.prefix, spec.truncation, field)
 
-    def _check_deadline(self, deadline: float | None) -> None:
-        check_deadline(self._batcher, deadline)
-
 
 class _Waits(Protocol):
     def estimated_wait_s(self, priority: Priority) -> float: ...
@@ -340,34 +364,6 @@ def check_deadline(batcher: _Waits, deadline: float | None) -> None:
             f"deadline of {max(remaining, 0) * 1000:.0f}ms is shorter than the expected "
             f"wait of {expected * 1000:.0f}ms"
         )
-
-
-async def run_interactive(
-    batcher: ItemSubmitter,
-    units: list[TokenizedInput],
-    *,
-    max_request_tokens: int,
-    field: str,
-    deadline: float | None,
-    stages: StageObserver,
-) -> list[ItemResult]:
-    """One interactive call's engine items, all admitted together within the per-request
-    token limit (TOO_MANY_TOKENS tells a client to split), or none."""
-    stages.tokenized(units)
-    total = sum(len(t.ids) for t in units)
-    if total > max_request_tokens:
-        raise InvalidInputError(
-            field,
-            f"{total} tokens in one request exceed the limit of {max_request_tokens}",
-            TOO_MANY_TOKENS,
-        )
-    submitted_ns = time.time_ns()
-    futures = batcher.submit(
-        [t.ids for t in units], Priority.INTERACTIVE, deadline, stages.caller()
-    )
-    results = await gather_items(futures)
-    stages.batched(submitted_ns, results)
-    return results
 
 
 async def gather_items(futures: list[asyncio.Future[ItemResult]]) -> list[ItemResult]:

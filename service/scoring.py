@@ -16,15 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from service.batching import ItemSubmitter
 from service.errors import INPUT_TOO_LONG, InvalidInputError
 from service.pair_tokenization import PairTokenizer
 from service.pipeline import (
-    NoStages,
-    StageObserver,
+    EngineQueue,
     Timing,
-    check_deadline,
-    run_interactive,
     timing_of,
 )
 
@@ -38,17 +34,9 @@ class ScoreOutcome:
 
 
 class Reranker:
-    def __init__(
-        self,
-        pairs: PairTokenizer,
-        batcher: ItemSubmitter,
-        max_request_tokens: int,
-        stages: StageObserver | None = None,
-    ) -> None:
+    def __init__(self, pairs: PairTokenizer, queue: EngineQueue) -> None:
         self._pairs = pairs
-        self._batcher = batcher
-        self._max_request_tokens = max_request_tokens
-        self._stages: StageObserver = stages or NoStages()
+        self._queue = queue
 
     @property
     def default_instruction(self) -> str:
@@ -65,8 +53,8 @@ class Reranker:
         field: str,
         deadline: float | None,
     ) -> ScoreOutcome:
-        check_deadline(self._batcher, deadline)
-        stages = self._stages
+        self._queue.check_deadline(deadline)
+        stages = self._queue.stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
             inputs = await self._pairs.pairs(
@@ -83,14 +71,7 @@ class Reranker:
                     " truncate unset (or end) to have it cut",
                     INPUT_TOO_LONG,
                 )
-        results = await run_interactive(
-            self._batcher,
-            inputs,
-            max_request_tokens=self._max_request_tokens,
-            field=field,
-            deadline=deadline,
-            stages=stages,
-        )
+        results = await self._queue.run_interactive(inputs, field, deadline)
         total = sum(len(t.ids) for t in inputs)
         logits = np.array([r.vector[0] for r in results], dtype=np.float32)
         return ScoreOutcome(

@@ -38,7 +38,7 @@ from service.errors import EngineConfigError, EngineUnavailableError, ModelLoadE
 from service.memory import HeapTrimmer
 from service.model_card import ModelCard, load_model_card, resolve_model_path
 from service.pair_tokenization import PairTokenizer, detect_pair_format
-from service.pipeline import Embedder
+from service.pipeline import Embedder, EngineQueue
 from service.scoring import Reranker
 from service.telemetry import Telemetry
 from service.tokenization import TextTokenizer
@@ -204,7 +204,7 @@ async def build_scoring(
     )
     await batcher.start()
     limit = request_tokens_limit(config, max(config.max_queue_tokens, window))
-    reranker = Reranker(pairs, batcher, limit, telemetry.stages)
+    reranker = Reranker(pairs, EngineQueue(batcher, limit, telemetry.stages))
     return ScoringParts(engine, pairs, batcher), Scorer(reranker, info, names)
 
 
@@ -230,12 +230,12 @@ async def build_embedding(
     cache = VectorCache(config.vector_cache_mb * 2**20) if config.vector_cache_mb else None
     telemetry.watch(batcher, engine, cache)
     await batcher.start()
-    embedder = Embedder(
-        tokenizer,
+    queue = EngineQueue(
         batcher if cache is None else CachingBatcher(batcher, cache),
         request_tokens_limit(config, max(config.max_queue_tokens, window)),
         telemetry.stages,
     )
+    embedder = Embedder(tokenizer, queue)
     parts = EmbeddingParts(engine, tokenizer, batcher, cache)
     return parts, EmbeddingModel(embedder, card, info, names)
 

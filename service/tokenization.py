@@ -126,20 +126,6 @@ class TextTokenizer:
             out.append(TokenizedInput(ids, truncated))
         return out
 
-    async def tokenize(
-        self,
-        texts: Sequence[str],
-        prefix: str,
-        truncation: Truncation,
-        field: str,
-        indexed: bool = True,
-    ) -> list[TokenizedInput]:
-        """All texts of one request; the first bad one fails the whole request.
-
-        `field` names the texts in errors: "inputs[3]", or "input" when not indexed.
-        """
-        return all_or_raise(await self.tokenize_each(texts, prefix, truncation, field, indexed))
-
     async def tokenize_each(
         self,
         texts: Sequence[str],
@@ -180,15 +166,13 @@ class TextTokenizer:
         return await loop.run_in_executor(self._pool, self._spans, texts, prefix, truncation, field)
 
     def tokenize_sync(
-        self,
-        texts: Sequence[str],
-        prefix: str,
-        truncation: Truncation,
-        field: str,
-        indexed: bool = True,
+        self, texts: Sequence[str], prefix: str, truncation: Truncation, field: str
     ) -> list[TokenizedInput]:
-        """`tokenize`, on the calling thread."""
-        return all_or_raise(self._each(texts, prefix, truncation, field, indexed))
+        """All texts of one request, on the calling thread; the first bad one fails them all.
+
+        `field` names the texts in errors: "inputs[3]", or "input" when not indexed.
+        """
+        return all_or_raise(self._each(texts, prefix, truncation, field, indexed=True))
 
     def _each(
         self,

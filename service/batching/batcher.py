@@ -103,26 +103,25 @@ class ItemSubmitter(Protocol):
     """What callers of the batcher use: the Batcher itself, or the vector cache in front of
     it (service.vector_cache.CachingBatcher), which answers repeated inputs without it."""
 
+    # Positional, as the pipeline calls them; the Batcher's own docstrings say what they do.
     def submit(
         self,
-        token_ids: Sequence[Sequence[int]],
+        ids: Sequence[Sequence[int]],
         priority: Priority,
-        deadline: float | None = None,
-        context: object | None = None,
-    ) -> list[asyncio.Future[ItemResult]]:
-        """All of a call's items admitted together, or QueueFullError and none."""
-        ...
+        deadline: float | None,
+        ctx: object,
+        /,
+    ) -> list[asyncio.Future[ItemResult]]: ...
 
     async def submit_when_ready(
         self,
-        token_ids: Sequence[int],
-        priority: Priority = Priority.BULK,
-        deadline: float | None = None,
-        context: object | None = None,
-        flow: object | None = None,
-    ) -> asyncio.Future[ItemResult]:
-        """One bulk item, once the queue has room for it."""
-        ...
+        ids: Sequence[int],
+        priority: Priority,
+        deadline: float | None,
+        ctx: object,
+        flow: object,
+        /,
+    ) -> asyncio.Future[ItemResult]: ...
 
     def estimated_wait_s(self, priority: Priority) -> float: ...
 

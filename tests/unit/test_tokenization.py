@@ -98,10 +98,9 @@ def test_refusal_names_index_count_and_limit(qwen_tok: TextTokenizer, qwen_dir: 
     assert caught.value.tokens == count and caught.value.limit == 32
 
 
-def test_stream_item_is_named_without_index(qwen_tok: TextTokenizer) -> None:
-    with pytest.raises(InputTooLongError) as caught:
-        qwen_tok.tokenize_sync([LONG], "", Truncation.REFUSE, "input", indexed=False)
-    assert caught.value.field == "input"
+async def test_stream_item_is_named_without_index(qwen_tok: TextTokenizer) -> None:
+    [error] = await qwen_tok.tokenize_each([LONG], "", Truncation.REFUSE, "input", indexed=False)
+    assert isinstance(error, InputTooLongError) and error.field == "input"
 
 
 def test_instruction_longer_than_the_limit_is_refused(qwen_tok: TextTokenizer) -> None:

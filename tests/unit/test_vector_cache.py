@@ -26,7 +26,7 @@ from service.batching import Batcher, BatcherLimits, ItemResult, Priority
 from service.config import ServiceConfig
 from service.errors import DeadlineExpiredError, EngineUnavailableError
 from service.model_card import resolve_model_path
-from service.pipeline import Embedder, EmbedSpec
+from service.pipeline import Embedder, EmbedSpec, EngineQueue
 from service.server import EmbeddingServer
 from service.telemetry import Telemetry
 from service.telemetry.histograms import PrometheusReader
@@ -142,7 +142,7 @@ async def test_different_instructions_and_truncations_never_share_an_entry(rig: 
     """Through the pipeline with a real tokenizer: the key is what the engine sees."""
     path = resolve_model_path(ServiceConfig().model)
     tokenizer = TextTokenizer(path / "tokenizer.json", 8, 1)
-    embedder = Embedder(tokenizer, rig.cached, 1 << 16)
+    embedder = Embedder(tokenizer, EngineQueue(rig.cached, 1 << 16))
 
     text = "the capital of france is a city on the seine river"
     instructed = _spec("Instruct: find the answer\nQuery:")
@@ -162,7 +162,7 @@ async def test_different_instructions_and_truncations_never_share_an_entry(rig: 
 async def test_one_entry_serves_every_dimension_and_normalization(rig: Rig) -> None:
     path = resolve_model_path(ServiceConfig().model)
     tokenizer = TextTokenizer(path / "tokenizer.json", 64, 1)
-    embedder = Embedder(tokenizer, rig.cached, 1 << 16)
+    embedder = Embedder(tokenizer, EngineQueue(rig.cached, 1 << 16))
     raw = await embedder.embed(["hello"], _spec(), "inputs", None)
     small = await embedder.embed(["hello"], _spec(dims=32, normalize=True), "inputs", None)
     assert small.timing.cached == 1 and rig.engine_items == 1
