@@ -67,7 +67,7 @@ soak: install
 	$(PY) -m pytest -m soak -s tests/integration/test_soak.py
 
 # Every scenario of benchmarks/README.md side by side: about 25 minutes on 2 cores, plus
-# about 3.5 for rerank.
+# about 3.5 for rerank and about 4 for tinyengine.
 BENCH_OUT ?= benchmarks/results/latest
 BENCH_ARGS ?=
 bench: install

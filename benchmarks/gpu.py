@@ -24,8 +24,8 @@ the Qwen3 query prompt) that service/model_card.py reads.
 The corpus. Paragraphs from benchmarks.corpus.build(), joined and cut at word boundaries so
 each text tokenizes to just under 128 or 512 tokens. No two texts share their first 16
 tokens (one KV block), so one pass over the corpus gives vLLM's prefix cache nothing to
-reuse; benchmarks/run.py turns the cache off anyway, since every load starts at the
-corpus's first text again. There are many texts (12,000 and
+reuse; benchmarks/run.py turns it off anyway, on both servers, and tags every point's
+texts so that no point repeats another's (benchmarks/README.md). There are many texts (12,000 and
 3,000 on a GPU) because the unary loads stop when the texts run out, and a GPU gets through
 a few thousand in a second or two.
 

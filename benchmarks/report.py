@@ -233,6 +233,62 @@ def rerank_table(results: Row) -> list[str]:
     return _table(header, rows)
 
 
+TINY_CASES = {
+    "service": "service, vLLM engine",
+    "service_null": "service, null engine",
+    "vllm_api1": "vLLM server",
+    "vllm_api2": "vLLM server",
+}
+
+
+def tiny_engine_table(results: Row) -> list[str]:
+    """Scenario 8: single-text calls at 64 concurrent in front of a nearly free engine."""
+    rows_in: list[Row] = results.get("tinyengine", {}).get("rows", [])
+    if not rows_in:
+        return []
+    header = ["server", "face", "API processes", "calls/s", "p50 / p95 ms", "errors"]
+    header += ["tokens / call", "serving CPU-s / 1,000", "engine CPU-s / 1,000"]
+    header += ["load generator CPU-s / 1,000", "rest of machine CPU-s / 1,000", "load avg"]
+    rows = []
+    for r in rows_in:
+        name = TINY_CASES.get(r["case"], r["case"])
+        if "error" in r:
+            rows.append([name, r["face"], str(r["api_processes"]), "failed: " + r["error"][:120]])
+            rows[-1] += [""] * (len(header) - len(rows[-1]))
+            continue
+        cpu = r["cpu"]["per_1000_calls"]
+        rows.append(
+            [
+                name,
+                "gRPC" if r["face"] == "grpc" else "HTTP",
+                str(r["api_processes"]),
+                _f(r["calls_per_s"]),
+                f"{_f(r.get('p50_ms'))} / {_f(r.get('p95_ms'))}",
+                str(r["errors"]),
+                _f(_ratio(r["tokens"], r["calls"]), 1),
+                _f(cpu.get("api"), 3),
+                _f(cpu.get("engine"), 3),
+                _f(cpu.get("load_generator"), 3),
+                _f(cpu.get("rest_of_machine"), 3),
+                _f(r.get("load_average"), 2),
+            ]
+        )
+    return _table(header, rows)
+
+
+def tiny_engine_threads(results: Row) -> list[str]:
+    """Where each case's CPU went: the busiest threads of each role, CPU seconds."""
+    rows = []
+    for r in results.get("tinyengine", {}).get("rows", []):
+        if "error" in r:
+            continue
+        for role, threads in r["cpu"]["threads"].items():
+            if threads:
+                shown = ", ".join(f"{name} {s:.2f}" for name, s in threads.items())
+                rows.append([f"{r['case']} {r['face']}", role, shown])
+    return _table(["case", "role", "busiest threads (CPU-s in the point)"], rows) if rows else []
+
+
 def null_table(results: Row) -> list[str]:
     header = ["load", "telemetry", "texts/s", "server µs / text", "texts per server CPU-s"]
     header += ["throughput cost", "CPU cost"]
@@ -281,9 +337,11 @@ def plot_throughput(results: Row, path: Path) -> None:
 
 
 def plot_mixed(results: Row, path: Path) -> None:
+    servers = [(k, n) for k, n in _present(results) if results[k].get("mixed")]
+    if not servers:
+        return
     fig, ax = plt.subplots(figsize=(8, 4.2))
     labels = ("p50", "p95", "p99")
-    servers = _present(results)
     bars = 2 * max(len(servers), 1)
     width = 0.8 / bars
     for i, (server, name) in enumerate(servers):
@@ -348,9 +406,10 @@ def markdown(results: Row) -> str:
         lines += [
             "## Defaults against defaults",
             "",
-            "Each server as a user starts it: the service with its defaults (vector cache off"
-            " for the single-text rows, which walk the corpus again at every point; on for the"
-            " Zipf row), vLLM's server with the model and the pooling runner only.",
+            "Each server as a user starts it: the service with every default (its vector cache"
+            " on: the single-text rows send texts under tags no other point sends, so it"
+            " answers none of them; the Zipf row sends its repeats bare), vLLM's server with"
+            " the model and the pooling runner only.",
             "",
             *defaults_table(results),
         ]
@@ -371,6 +430,26 @@ def markdown(results: Row) -> str:
         ]
     if "null_engine" in results:
         lines += ["## Front end alone (null engine)", "", *null_table(results)]
+    if "tinyengine" in results:
+        meta = results["tinyengine"].get("meta", {})
+        lines += [
+            "## A nearly free engine (tinyengine)",
+            "",
+            f"A Qwen3 of width {meta.get('model', {}).get('hidden')} and"
+            f" {meta.get('model', {}).get('layers')} layers through the real vLLM engine core;"
+            f" single-text calls, {meta.get('concurrency')} concurrent, {meta.get('seconds')} s"
+            " per row, one server at a time, each with its defaults. Serving CPU: the processes"
+            " that serve the calls (vLLM with 2 API servers: both `APIServer` processes, not the"
+            " launcher that watches them); engine: the engine core and its workers; rest of the"
+            " machine: everything else that ran meanwhile. The service has one front-end"
+            " process (no `--api-processes` yet). Load average (1 min) before each row, and"
+            " over the scenario: from"
+            f" {_f((meta.get('load_average_at_start') or [None])[0], 2)} to"
+            f" {_f((meta.get('load_average_at_end') or [None])[0], 2)}.",
+            "",
+            *tiny_engine_table(results),
+            *tiny_engine_threads(results),
+        ]
     lines += ["![throughput](throughput.png)", "", "![mixed](mixed_latency.png)", ""]
     return "\n".join(lines)
 

@@ -10,7 +10,15 @@
 5. the null-engine front end (benchmarks/null_engine.py), with tracing off and on;
    (6 is the GPU run, benchmarks/gpu.py, not part of this one)
 7. rerank (benchmarks/rerank.py): the service's cross-encoder against vLLM's own /rerank,
-   pairs/s and serving CPU per 1,000 pairs at 1, 16 and 64 concurrent 20-document calls.
+   pairs/s and serving CPU per 1,000 pairs at 1, 16 and 64 concurrent 20-document calls;
+8. tinyengine (benchmarks/tiny_engine.py): a nearly free engine (a Qwen3 of width 32),
+   single-text calls/s at 64 concurrent on the service (vLLM engine and null engine, both
+   faces) and on vLLM's server with --api-server-count 1 and 2, with CPU by process role.
+
+No point sends a text an earlier point sent (each carries its point's tag, see
+benchmarks/load.py), so the service runs with its vector cache on, as deployed, and the
+cache answers nothing but the Zipf point's repeats, which it measures (each face under
+its own tag, as the two faces share one cache).
 
 Writes result.json, report.md and PNG plots into --out. Engine settings come from the
 service's own flags after `--`, for example:
@@ -35,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvloop
 
-from benchmarks import load, report, rerank
+from benchmarks import load, report, rerank, tiny_engine
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
 from benchmarks.servers import (
@@ -64,6 +73,11 @@ class Plan:
     stream_limit: int  # texts per stream run (0: the whole corpus)
     loads: frozenset[str]  # which of LOADS to run against the servers
     scenarios: frozenset[str]  # which scenarios (--only)
+    # Unmeasured waits, shortened only by the unit tests.
+    warmup_s: float = 3.0  # first calls per target: connections up, first-call costs paid
+    ramp_s: float = 3.0  # a background bulk load runs this long before a point opens
+    sporadic_gaps_s: tuple[float, ...] = (0.05, 1.0)
+    fair_delay_s: float = 2.0  # the small job starts this long after the large one
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -96,7 +110,8 @@ def _log(message: str) -> None:
 def _summary(name: str, p: Point) -> str:
     lat = f" p50 {p.percentile_ms(50):.1f} p99 {p.percentile_ms(99):.1f} ms" if p.latencies else ""
     err = f" ({p.errors} errors)" if p.errors else ""
-    return f"{name}: {p.docs_per_s:.1f} docs/s{lat}{err}"
+    cached = f" ({p.cached} from the vector cache)" if p.cached else ""
+    return f"{name}: {p.docs_per_s:.1f} docs/s{lat}{err}{cached}"
 
 
 # ---------------------------------------------------------------------------- scenarios
@@ -122,11 +137,27 @@ class Target:
     name: str  # "service" (gRPC), "service_http", "vllm"
     server: Server  # the process whose CPU is charged
     client: load.Client
-    # A background load that saturates the engine, for the mix.
-    bulk: Callable[[], AsyncIterator[None]]
+    # A background load that saturates the engine, for the mix, its texts under a tag.
+    bulk: Callable[[str], AsyncIterator[None]]
     # The bulk throughput job over given texts (a stream, or batched HTTP requests).
     stream: Callable[[Sequence[str]], Awaitable[Point]]
     float_client: load.Client | None = None  # HTTP: the same calls with float vectors
+
+
+def lanes(targets: Sequence[Target]) -> dict[str, int]:
+    """Each target's lane: its place among the targets served by the same process.
+
+    The service's two faces share one process and one vector cache, so they get different
+    tags at the same point (lanes 0 and 1); vLLM's server has a process of its own and gets
+    lane 0, the very texts the service's gRPC face gets. Tags of one point differ only in
+    that digit, so every target of a point sends the same number of tokens.
+    """
+    seen: dict[int, int] = {}
+    out: dict[str, int] = {}
+    for t in targets:
+        out[t.name] = seen.get(id(t.server), 0)
+        seen[id(t.server)] = out[t.name] + 1
+    return out
 
 
 def _rotated(targets: Sequence[Target], n: int) -> list[Target]:
@@ -135,29 +166,62 @@ def _rotated(targets: Sequence[Target], n: int) -> list[Target]:
     return [*targets[k:], *targets[:k]]
 
 
-Job = Callable[[Target], Awaitable[Point] | None]  # None: the point does not apply to it
+async def _warm_up(
+    targets: Sequence[Target], texts: Sequence[str], plan: Plan, number: int, lane: dict[str, int]
+) -> None:
+    """Connections up, first-call costs paid; under a point number of its own."""
+    for t in targets:
+        await load.closed_loop(
+            t.client,
+            texts,
+            batch=1,
+            concurrency=16,
+            seconds=plan.warmup_s,
+            cycle=True,
+            tag=load.tag(number, lane[t.name]),
+        )
+        if t.float_client is not None:
+            await load.closed_loop(
+                t.float_client,
+                texts,
+                batch=1,
+                concurrency=4,
+                seconds=plan.warmup_s / 3,
+                cycle=True,
+                tag=load.tag(number, lane[t.name], "f"),
+            )
 
 
-async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict[str, Any]:
+# A point's job on one target, given the tag of that target's texts at that point; None:
+# the point does not apply to it.
+Job = Callable[[Target, str], Awaitable[Point] | None]
+
+
+async def compare(
+    targets: Sequence[Target], corpus: Corpus, plan: Plan, tags: load.Tags
+) -> dict[str, Any]:
     """Every point of the plan on every target in turn, one target at a time.
 
     The servers stay up side by side (an idle vLLM engine costs about 2% of a core) and each
     point is measured on each target back to back, in an order that rotates from point to
     point, so a drift of the machine's speed hits all of them alike instead of whichever
     ran last.
+
+    Every point takes a fresh number from `tags`, and every text it sends (its background
+    bulk load's too) carries it, so no point sends a text that an earlier one sent and the
+    service's vector cache answers nothing but the Zipf point's repeats within one face.
     """
     results: dict[str, Any] = {t.name: {} for t in targets}
     short = corpus.kinds[corpus.short]
-    for t in targets:  # connections up, first-call costs paid, caches warm
-        await load.closed_loop(t.client, short, batch=1, concurrency=16, seconds=3, cycle=True)
-        if t.float_client is not None:
-            await load.closed_loop(t.float_client, short, batch=1, concurrency=4, seconds=1)
+    lane = lanes(targets)
+    await _warm_up(targets, short, plan, tags.point(), lane)
     turn = 0
 
     async def point(keys: tuple[str, ...], job: Job) -> None:
         nonlocal turn
+        number = tags.point()
         for t in _rotated(targets, turn):
-            measured = job(t)
+            measured = job(t, load.tag(number, lane[t.name]))
             if measured is None:
                 continue
             p = await _timed(t.server, measured)
@@ -169,39 +233,64 @@ async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict
         turn += 1
 
     def calls(texts: Sequence[str], batch: int, concurrency: int, floats: bool = False) -> Job:
-        def job(t: Target) -> Awaitable[Point] | None:
+        def job(t: Target, tag: str) -> Awaitable[Point] | None:
             client = t.float_client if floats else t.client
             if client is None:
                 return None
             return load.closed_loop(
-                client, texts, batch=batch, concurrency=concurrency, seconds=plan.seconds
+                client,
+                texts,
+                batch=batch,
+                concurrency=concurrency,
+                seconds=plan.seconds,
+                tag=tag,
             )
 
         return job
 
     def bulk(texts: Sequence[str]) -> Job:
-        def job(t: Target) -> Awaitable[Point]:
-            return t.stream(texts)
+        def job(t: Target, tag: str) -> Awaitable[Point]:
+            return t.stream(load.tagged(texts, tag))
 
         return job
 
     def mix(background: bool) -> Job:
-        def job(t: Target) -> Awaitable[Point]:
+        def job(t: Target, tag: str) -> Awaitable[Point]:
             return load.mixed(
                 t.client,
                 short,
-                t.bulk() if background else None,
+                t.bulk(tag + "b") if background else None,
                 concurrency=plan.mix_callers,
                 seconds=plan.seconds,
-                ramp_s=3.0,
+                ramp_s=plan.ramp_s,
+                tag=tag,
             )
 
         return job
 
     def spaced(gap_s: float) -> Job:
-        def job(t: Target) -> Awaitable[Point]:
+        def job(t: Target, tag: str) -> Awaitable[Point]:
             calls = max(5, min(40, int(plan.seconds / (gap_s + 0.05))))
-            return load.sporadic(t.client, short, t.bulk(), gap_s=gap_s, calls=calls, ramp_s=3.0)
+            return load.sporadic(
+                t.client,
+                short,
+                t.bulk(tag + "b"),
+                gap_s=gap_s,
+                calls=calls,
+                ramp_s=plan.ramp_s,
+                tag=tag,
+            )
+
+        return job
+
+    def behind(large: Sequence[str], small: Sequence[str]) -> Job:
+        def job(t: Target, tag: str) -> Awaitable[Point]:
+            return load.behind(
+                t.stream,
+                load.tagged(large, tag + "b"),
+                load.tagged(small, tag),
+                delay_s=plan.fair_delay_s,
+            )
 
         return job
 
@@ -218,17 +307,17 @@ async def compare(targets: Sequence[Target], corpus: Corpus, plan: Plan) -> dict
     for state in ("idle", "loaded") if "mixed" in plan.loads else ():
         await point(("mixed", state), mix(state == "loaded"))
     if "sporadic" in plan.loads:
-        for gap in (0.05, 1.0):
+        for gap in plan.sporadic_gaps_s:
             await point(("sporadic", f"{gap:g}s"), spaced(gap))
     if "zipf" in plan.loads:
+        # Repeats within the point are its traffic; its tag still keeps one face's cache
+        # entries from answering the next face's calls (both faces share one cache).
         await point(("zipf", "64"), calls(zipf_queries(short), 1, 64))
     if "fair" in plan.loads:
         long = corpus.kinds[corpus.long]
         small = long[:FAIR_SMALL_JOB]
         await point(("fair", "alone"), bulk(small))
-        await point(
-            ("fair", "behind_large"), lambda t: load.behind(t.stream, long, small, delay_s=2)
-        )
+        await point(("fair", "behind_large"), behind(long, small))
     return results
 
 
@@ -249,8 +338,8 @@ def _service_targets(server: Server, corpus: Corpus, plan: Plan, model: str) -> 
     async def whole_stream(texts: Sequence[str]) -> Point:
         return await load.stream(grpc_client.stub, texts)
 
-    def bulk() -> AsyncIterator[None]:
-        return load.grpc_bulk(server.port, corpus.kinds[corpus.long])
+    def bulk(tag: str) -> AsyncIterator[None]:
+        return load.grpc_bulk(server.port, corpus.kinds[corpus.long], tag)
 
     http = load.HttpClient(server.http_port, model, connections)
     return [
@@ -283,8 +372,13 @@ def _vllm_target(server: Server, corpus: Corpus, plan: Plan, model: str) -> Targ
         "vllm",
         server,
         client,
-        lambda: load.http_bulk(
-            server.port, model, corpus.kinds[corpus.long], batch=64, workers=plan.http_bulk_workers
+        lambda tag: load.http_bulk(
+            server.port,
+            model,
+            corpus.kinds[corpus.long],
+            batch=64,
+            workers=plan.http_bulk_workers,
+            tag=tag,
         ),
         _batched_http(client, plan),
         float_client=load.HttpClient(server.port, model, connections, "float"),
@@ -292,7 +386,13 @@ def _vllm_target(server: Server, corpus: Corpus, plan: Plan, model: str) -> Targ
 
 
 async def run_servers(
-    service_args: list[str], config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path
+    service_args: list[str],
+    config: ServiceConfig,
+    corpus: Corpus,
+    plan: Plan,
+    out: Path,
+    *,
+    tags: load.Tags,
 ) -> dict[str, Any]:
     """The service (both faces) and vLLM's server with the same engine settings."""
     model = served_names(config)[0]
@@ -307,8 +407,8 @@ async def run_servers(
             vllm = await start_vllm_server(vllm_server_args(config), out / "logs" / "vllm.log")
             servers.append(vllm)
             targets.append(_vllm_target(vllm, corpus, plan, model))
-        # Zipf traffic is about the vector cache, which this scenario turns off.
-        return await compare(targets, corpus, replace(plan, loads=plan.loads - {"zipf"}))
+        # Zipf traffic is about the vector cache: the defaults scenario measures it.
+        return await compare(targets, corpus, replace(plan, loads=plan.loads - {"zipf"}), tags)
     finally:
         for t in targets:
             await t.client.close()
@@ -319,44 +419,33 @@ async def run_servers(
 
 
 async def run_defaults(
-    config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path
+    config: ServiceConfig, corpus: Corpus, plan: Plan, out: Path, tags: load.Tags
 ) -> dict[str, Any]:
     """Each server with its own defaults, as a user trying both would run them.
 
-    The service runs with every default but one, the vector cache off, for the throughput
-    points: the loads walk the same corpus again at every point, which a cache would answer.
-    The Zipf point, where repeats are the traffic, then runs against the service with all
-    its defaults, the cache included. vLLM's server gets the model and nothing else.
+    The service runs with every default, the vector cache included: the single-text points
+    send texts under tags of their own, which the cache has never seen, and the Zipf point,
+    where repeats are the traffic, repeats them within each face's tag. vLLM's server gets
+    the model and nothing else.
     """
     model = served_names(config)[0]
-    model_args = ["--model", config.model]
     logs = out / "logs"
-    results: dict[str, Any] = {}
     vllm = await start_vllm_server(vllm_default_args(config), logs / "vllm-defaults.log")
+    servers = [vllm]
+    targets = [_vllm_target(vllm, corpus, plan, model)]
     try:
-        vllm_target = _vllm_target(vllm, corpus, plan, model)
-        for loads, args in (
-            (frozenset({"unary"}), [*model_args, "--vector-cache-mb", "0"]),
-            (frozenset({"zipf"}), model_args),
-        ):
-            if not loads & plan.loads:
-                continue
-            service = await start_service(args, logs / f"service-defaults-{min(loads)}.log")
-            targets = _service_targets(service, corpus, plan, model)
-            try:
-                part = await compare([*targets, vllm_target], corpus, replace(plan, loads=loads))
-            finally:
-                for t in targets:
-                    await t.client.close()
-                    if t.float_client is not None:
-                        await t.float_client.close()
-                service.stop()
-            for name, points in part.items():
-                results.setdefault(name, {}).update(points)
+        service = await start_service(["--model", config.model], logs / "service-defaults.log")
+        servers.append(service)
+        targets = [*_service_targets(service, corpus, plan, model), *targets]
+        loads = plan.loads & {"unary", "zipf"}
+        return await compare(targets, corpus, replace(plan, loads=loads), tags)
     finally:
-        await vllm_target.client.close()
-        vllm.stop()
-    return results
+        for t in targets:
+            await t.client.close()
+            if t.float_client is not None:
+                await t.float_client.close()
+        for server in servers:
+            server.stop()
 
 
 def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
@@ -368,6 +457,12 @@ def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(target.read_text("utf-8"))
     target.unlink()
     return result
+
+
+def run_tiny_engine(corpus: Corpus, plan: Plan, out: Path, tags: load.Tags) -> dict[str, Any]:
+    # uvloop: at a thousand calls a second the load generator shares the two cores too.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(tiny_engine.run(corpus, out, seconds=plan.seconds, tags=tags, log=_log))
 
 
 # --------------------------------------------------------------------------------- main
@@ -416,16 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-limit", type=int, default=0, help="0: the whole corpus")
     parser.add_argument(
         "--only",
-        default="ceiling,service,vllm,defaults,rerank,null",
+        default="ceiling,service,vllm,defaults,rerank,null,tinyengine",
         help="comma-separated scenarios",
     )
     args, service_args = parser.parse_known_args(argv)
-    # Every load starts at the corpus's first text: cached prefixes or vectors would measure
-    # the caches (the Zipf point, in the defaults scenario, is where the vector cache counts).
-    service_args = [
-        *("--prefix-caching", "false", "--vector-cache-mb", "0"),
-        *(a for a in service_args if a != "--"),
-    ]
+    # Prefix caching off, as vLLM's server gets it (servers.vllm_server_args): the engines
+    # are compared on the same work. The vector cache stays on: no text repeats (the tags).
+    service_args = [*("--prefix-caching", "false"), *(a for a in service_args if a != "--")]
     config = load_config(service_args)
     plan = Plan.from_args(args)
     rerank_concurrency = tuple(int(c) for c in args.rerank_concurrency.split(","))
@@ -436,10 +528,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus = Corpus.load(args.corpus) if args.corpus else build()
     corpus.save(out / "corpus.json")
     results: dict[str, Any] = {"meta": _meta(config, corpus, plan, service_args)}
+    tags = load.Tags()  # one numbering for the whole run: no two points share a text
     scenarios: dict[str, Callable[[], Any]] = {
         "ceiling": lambda: {k: run_ceiling(k, plan, service_args, out) for k in corpus.kinds},
-        "servers": lambda: asyncio.run(run_servers(service_args, config, corpus, plan, out)),
-        "defaults": lambda: asyncio.run(run_defaults(config, corpus, plan, out)),
+        "servers": lambda: asyncio.run(
+            run_servers(service_args, config, corpus, plan, out, tags=tags)
+        ),
+        "defaults": lambda: asyncio.run(run_defaults(config, corpus, plan, out, tags)),
         "rerank": lambda: asyncio.run(
             rerank.run(
                 service_args,
@@ -451,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ),
         "null": lambda: run_null_engine(plan, out),
+        "tinyengine": lambda: run_tiny_engine(corpus, plan, out, tags),
     }
     began = time.monotonic()
     failed = []

@@ -152,16 +152,25 @@ def vllm_default_args(config: ServiceConfig) -> list[str]:
     ]  # fmt: skip
 
 
+VLLM_API_SERVER = "vllm.entrypoints.openai.api_server"
+# `vllm serve`, the one launcher that honours --api-server-count (benchmarks/vllm_serve.py).
+VLLM_SERVE = "benchmarks.vllm_serve"
+
+
 async def start_vllm_server(
-    args: list[str], log: Path, name: str = "vllm", env: dict[str, str] | None = None
+    args: list[str],
+    log: Path,
+    name: str = "vllm",
+    env: dict[str, str] | None = None,
+    module: str = VLLM_API_SERVER,
 ) -> Server:
     """vLLM's OpenAI server on a free loopback port, ready once /health answers 200.
 
     `args`: vllm_server_args(config) for the service's engine settings, or just the model
-    for vLLM's own defaults."""
+    for vLLM's own defaults. `module`: VLLM_SERVE to start it as `vllm serve` does."""
     port = free_port()
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, "-m", module,
         *args, "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     server = _spawn(name, argv, port, log, env)
