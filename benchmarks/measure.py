@@ -74,16 +74,20 @@ def _ticks(stat: str) -> tuple[str, float]:
     return head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _threads(pid: int) -> list[str]:
+    """The thread ids of `pid`; none once it has gone."""
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+
+
 def thread_seconds(pid: int) -> dict[str, float]:
     """CPU seconds of each live thread of `pid`, by thread name (threads of one name summed).
 
     A thread that has ended is no longer listed; its time stays in cpu_seconds(pid)."""
     out: dict[str, float] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in _threads(pid):
         try:
             with open(f"/proc/{pid}/task/{tid}/stat", encoding="utf-8", errors="replace") as f:
                 name, seconds = _ticks(f.read())
@@ -96,11 +100,7 @@ def thread_seconds(pid: int) -> dict[str, float]:
 def children(pid: int) -> list[int]:
     """The direct child processes of `pid` (/proc/<pid>/task/<tid>/children)."""
     out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
+    for tid in _threads(pid):
         try:
             with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
                 out += [int(p) for p in f.read().split()]

@@ -408,8 +408,8 @@ def markdown(results: Row) -> str:
             "",
             "Each server as a user starts it: the service with every default (its vector cache"
             " on: the single-text rows send texts under tags no other point sends, so it"
-            " answers none of them; the Zipf row sends its repeats bare), vLLM's server with"
-            " the model and the pooling runner only.",
+            " answers none of them; the Zipf row repeats texts within each face's own tag),"
+            " vLLM's server with the model and the pooling runner only.",
             "",
             *defaults_table(results),
         ]

@@ -410,12 +410,17 @@ async def run_servers(
         # Zipf traffic is about the vector cache: the defaults scenario measures it.
         return await compare(targets, corpus, replace(plan, loads=plan.loads - {"zipf"}), tags)
     finally:
-        for t in targets:
-            await t.client.close()
-            if t.float_client is not None:
-                await t.float_client.close()
-        for server in servers:
-            server.stop()
+        await _close(targets, servers)
+
+
+async def _close(targets: Sequence[Target], servers: Sequence[Server]) -> None:
+    """The load generators' channels, then the servers."""
+    for t in targets:
+        await t.client.close()
+        if t.float_client is not None:
+            await t.float_client.close()
+    for server in servers:
+        server.stop()
 
 
 async def run_defaults(
@@ -440,12 +445,7 @@ async def run_defaults(
         loads = plan.loads & {"unary", "zipf"}
         return await compare(targets, corpus, replace(plan, loads=loads), tags)
     finally:
-        for t in targets:
-            await t.client.close()
-            if t.float_client is not None:
-                await t.float_client.close()
-        for server in servers:
-            server.stop()
+        await _close(targets, servers)
 
 
 def run_null_engine(plan: Plan, out: Path) -> dict[str, Any]:
