@@ -76,20 +76,31 @@ class Client(Protocol):
 
 
 class GrpcClient:
-    def __init__(self, port: int) -> None:
-        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = pb_grpc.EmbeddingServiceStub(self._channel)
+    """`channels` > 1: calls go round the channels, each its own connection (a local
+    subchannel pool), as many callers would come over many connections. A server with
+    several front-end processes gets each connection served by one of them."""
+
+    def __init__(self, port: int, channels: int = 1) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
+        self._channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(channels)
+        ]
+        self._stubs = [pb_grpc.EmbeddingServiceStub(c) for c in self._channels]
+        self._turn = itertools.cycle(self._stubs)
+        self.stub = self._stubs[0]
         self.cached = 0
 
     async def embed(self, texts: Sequence[str]) -> int:
-        reply = await self.stub.Embed(pb.EmbedRequest(inputs=texts), timeout=CALL_TIMEOUT_S)
+        stub = next(self._turn)
+        reply = await stub.Embed(pb.EmbedRequest(inputs=texts), timeout=CALL_TIMEOUT_S)
         for e in reply.embeddings:
             np.frombuffer(e.data, np.float32)
         self.cached += reply.timing.cached
         return int(reply.usage.prompt_tokens)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
 
 class HttpClient:

@@ -289,6 +289,46 @@ def tiny_engine_threads(results: Row) -> list[str]:
     return _table(["case", "role", "busiest threads (CPU-s in the point)"], rows) if rows else []
 
 
+def scaleout_table(results: Row) -> list[str]:
+    """Scenario 9: embed-files over two instances behind one round_robin target."""
+    header = ["--streams", "docs", "wall s", "chunks/s (docs/s)", "rows, unique ids"]
+    header += ["inputs per instance (share)", "streams per instance", "cache hits"]
+    header += ["serving CPU-s per instance", "engine core CPU-s per instance"]
+    header += ["model worker CPU-s per instance (its cores)", "CLI CPU-s"]
+    header += ["machine busy cores", "rest of machine CPU-s"]
+    rows = []
+    for r in results.get("scaleout", {}).get("rows", []):
+        each = r["instances"]
+        rows.append(
+            [
+                str(r["streams"]),
+                str(r["texts"]),
+                _f(r["wall_s"]),
+                f"{_f(r['chunks_per_s'])} ({_f(r['docs_per_s'])})",
+                f"{r['rows']}, {r['unique_ids']}" + ("" if r["rows_ok"] else " (MISMATCH)"),
+                " / ".join(
+                    f"{i['inputs']} ({s:.0%})" for i, s in zip(each, r["share"], strict=True)
+                ),
+                " / ".join(str(i["streams"]) for i in each),
+                str(sum(i["cache_hits"] for i in each)),
+                " / ".join(_f(i["cpu_s"].get("api")) for i in each),
+                " / ".join(_f(i["cpu_s"].get("engine_core")) for i in each),
+                " / ".join(
+                    f"{_f(i['cpu_s'].get('engine_worker'))} ({_cores(i.get('cores', {}))})"
+                    for i in each
+                ),
+                _f(r["cli_cpu_s"]),
+                _f(r["machine_busy_cores"], 2),
+                _f(r["rest_of_machine_cpu_s"]),
+            ]
+        )
+    return _table(header, rows)
+
+
+def _cores(cores: Row) -> str:
+    return ",".join(map(str, cores.get("engine_worker", []))) or "-"
+
+
 def null_table(results: Row) -> list[str]:
     header = ["load", "telemetry", "texts/s", "server µs / text", "texts per server CPU-s"]
     header += ["throughput cost", "CPU cost"]
@@ -449,6 +489,21 @@ def markdown(results: Row) -> str:
             "",
             *tiny_engine_table(results),
             *tiny_engine_threads(results),
+        ]
+    if "scaleout" in results:
+        lines += [
+            "## embed-files over two instances (scaleout)",
+            "",
+            "`embed-files --streams N` (its own process) against two service instances on"
+            " this machine behind one round_robin target; every run sends paragraphs no other"
+            " run sent. Rates over the CLI process's whole wall time; the split from each"
+            " instance's `embedding_inputs_total`; CPU from /proc: serving = each instance's"
+            " process; engine core = its vLLM scheduler process; model worker = the vLLM"
+            " process that runs the model, with the cores vLLM pinned it to; CLI = the"
+            " embed-files process; rest of machine = busy CPU less all of those (another job"
+            " sharing the cores).",
+            "",
+            *scaleout_table(results),
         ]
     lines += ["![throughput](throughput.png)", "", "![mixed](mixed_latency.png)", ""]
     return "\n".join(lines)

@@ -13,7 +13,9 @@
    pairs/s and serving CPU per 1,000 pairs at 1, 16 and 64 concurrent 20-document calls;
 8. tinyengine (benchmarks/tiny_engine.py): a nearly free engine (a Qwen3 of width 32),
    single-text calls/s at 64 concurrent on the service (vLLM engine and null engine, both
-   faces) and on vLLM's server with --api-server-count 1 and 2, with CPU by process role.
+   faces) and on vLLM's server with --api-server-count 1 and 2, with CPU by process role;
+9. scaleout (benchmarks/scale_out.py): embed-files with --streams 1 and 2 over two service
+   instances behind one round_robin target: chunks/s, the split, CPU of each process.
 
 No point sends a text an earlier point sent (each carries its point's tag, see
 benchmarks/load.py), so the service runs with its vector cache on, as deployed, and the
@@ -45,7 +47,7 @@ from typing import Any
 import numpy as np
 import uvloop
 
-from benchmarks import load, report, rerank, tiny_engine
+from benchmarks import load, report, rerank, scale_out, tiny_engine
 from benchmarks.corpus import Corpus, build
 from benchmarks.measure import Point, cpu_seconds
 from benchmarks.servers import (
@@ -511,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stream-limit", type=int, default=0, help="0: the whole corpus")
     parser.add_argument(
         "--only",
-        default="ceiling,service,vllm,defaults,rerank,null,tinyengine",
+        default="ceiling,service,vllm,defaults,rerank,null,tinyengine,scaleout",
         help="comma-separated scenarios",
     )
     args, service_args = parser.parse_known_args(argv)
@@ -547,6 +549,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         "null": lambda: run_null_engine(plan, out),
         "tinyengine": lambda: run_tiny_engine(corpus, plan, out, tags),
+        "scaleout": lambda: asyncio.run(
+            scale_out.run(
+                service_args,
+                corpus.kinds[corpus.long][: plan.stream_limit or None],
+                out,
+                tags=tags,
+                log=_log,
+            )
+        ),
     }
     began = time.monotonic()
     failed = []

@@ -27,7 +27,6 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ServiceConfig
-from service.engines.vllm_engine import _resolve_dtype
 from service.model_card import resolve_model_path
 from service.server import served_names
 
@@ -41,6 +40,7 @@ class Server:
     port: int  # the service's gRPC port; vLLM's HTTP port
     log: Path
     http_port: int = 0  # the service's HTTP face
+    metrics_port: int = 0  # the service's Prometheus /metrics (0: off)
 
     @property
     def pid(self) -> int:
@@ -93,16 +93,25 @@ async def _until_ready(server: Server, probe: Callable[[], Awaitable[bool]]) -> 
     raise TimeoutError(f"{server.name} not ready after {START_TIMEOUT_S:.0f}s; see {server.log}")
 
 
-async def start_service(service_args: list[str], log: Path, name: str = "service") -> Server:
-    """The service on free loopback ports (gRPC and HTTP), ready once its health says SERVING."""
+async def start_service(
+    service_args: list[str],
+    log: Path,
+    name: str = "service",
+    *,
+    metrics: bool = False,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """The service on free loopback ports (gRPC and HTTP, and /metrics when `metrics`),
+    ready once its health says SERVING."""
     port, http_port = free_port(), free_port()
+    metrics_port = free_port() if metrics else 0
     argv = [
         sys.executable, "-m", "service", *service_args,
         "--host", "127.0.0.1", "--port", str(port), "--http-port", str(http_port),
-        "--metrics-port", "0", "--health-port", "0",
+        "--metrics-port", str(metrics_port), "--health-port", "0",
     ]  # fmt: skip
-    server = _spawn(name, argv, port, log)
-    server.http_port = http_port
+    server = _spawn(name, argv, port, log, env)
+    server.http_port, server.metrics_port = http_port, metrics_port
 
     async def probe() -> bool:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -118,11 +127,14 @@ async def start_service(service_args: list[str], log: Path, name: str = "service
 
 def vllm_server_args(config: ServiceConfig) -> list[str]:
     """vLLM's server flags for the engine settings the service derives from `config`."""
+    # Here, not at the top: the null-engine benchmarks run where vllm is not installed.
+    from service.engines.vllm_engine import _resolve_dtype as resolve_dtype
+
     return [
         "--model", str(resolve_model_path(config.model)),
         "--served-model-name", served_names(config)[0],
         "--runner", "pooling",
-        "--dtype", _resolve_dtype(config.dtype),
+        "--dtype", resolve_dtype(config.dtype),
         "--gpu-memory-utilization", str(config.gpu_memory_utilization),
         "--max-num-batched-tokens", str(max(config.max_batch_tokens, config.max_model_len)),
         "--max-num-seqs", str(config.max_batch_items),

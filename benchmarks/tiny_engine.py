@@ -17,8 +17,8 @@ warm-up of the same shape; one server runs at a time:
   `--api-server-count` 1 and 2, started as `vllm serve` (benchmarks/vllm_serve.py; vLLM's
   `python -m vllm.entrypoints.openai.api_server` ignores the flag).
 
-The service has one front-end process; `--api-processes` (issue 21) does not exist yet, so
-these rows are its N = 1 baseline.
+- `service_n2`, `service_null_n2`: the two service cases with `--api-processes 2`: two
+  front-end processes sharing the ports and one engine core.
 
 Every case sends the same texts (the corpus's queries under this scenario's tag, a lap
 number keeping them unique when a point wraps around), so no call is answered from the
@@ -26,9 +26,10 @@ service's vector cache and every server counts the same tokens.
 
 CPU. Before and after each point the scenario reads /proc for the launched process and
 every process below it, and sorts them by role:
-- `api`: the processes that serve HTTP or gRPC: the service's process; vLLM's launched
-  process with one API server; its `VLLM::APIServer_<i>` children with two (the launched
-  process then only watches them: `launcher`);
+- `api`: the processes that serve HTTP or gRPC: the service's process, or with two its
+  `embedding-service::front-end-<i>` children; vLLM's launched process with one API server,
+  or with two its `VLLM::APIServer_<i>` children (the launched process then only watches
+  them, and starts the engine core: `launcher`);
 - `engine`: `VLLM::EngineCore` and the processes below it (vLLM's default executor on CPU
   runs the model in a `VLLM::Worker` child; the service's runs it inside the engine core);
 - `other`: multiprocessing's resource tracker.
@@ -66,6 +67,7 @@ from benchmarks.servers import (
     vllm_default_args,
 )
 from service.config import load_config
+from service.front_ends.worker import PROCESS_TITLE
 from service.server import served_names
 from tests.models.qwen3_files import eos_id, train_tokenizer
 
@@ -75,6 +77,12 @@ SHAPE = Shape(
     max_positions=8192,  # the window the sentence-transformers files say (gpu.write_model)
 )  # fmt: skip
 CONCURRENCY = 64
+# gRPC callers over this many connections (HTTP's callers open up to CONCURRENCY + 8): a
+# server with several front ends serves each connection in one of them.
+GRPC_CHANNELS = 8
+# The titles of the processes that serve calls under a launcher: vLLM's API servers with
+# --api-server-count, the service's front ends with --api-processes.
+API_PROCESSES = ("VLLM::APIServer", PROCESS_TITLE)
 WARMUP_S = 6.0  # per face, before the first window: the first seconds after start run slower
 WINDOWS = 2  # measured windows per face, taken in turn with the other face's
 TOP_THREADS = 6  # per role, in the report
@@ -93,6 +101,14 @@ def cases() -> list[Case]:
     return [
         Case("service", "service", (), ("grpc", "http"), 1),
         Case("service_null", "service", ("--engine", "null"), ("grpc", "http"), 1),
+        Case("service_n2", "service", ("--api-processes", "2"), ("grpc", "http"), 2),
+        Case(
+            "service_null_n2",
+            "service",
+            ("--engine", "null", "--api-processes", "2"),
+            ("grpc", "http"),
+            2,
+        ),
         Case("vllm_api1", "vllm", ("--api-server-count", "1"), ("http",), 1),
         Case("vllm_api2", "vllm", ("--api-server-count", "2"), ("http",), 2),
     ]
@@ -112,7 +128,7 @@ def build_model(folder: Path, corpus: Corpus) -> Path:
 
 
 def _role(pid: int, root: int, cmd: str, engine_pids: set[int], has_api_children: bool) -> str:
-    if cmd.startswith("VLLM::APIServer"):
+    if cmd.startswith(API_PROCESSES):
         return "api"
     if cmd.startswith("VLLM::EngineCore") or pid in engine_pids:
         return "engine"
@@ -141,7 +157,7 @@ class Snapshot:
         for pid in pids:
             if commands[pid].startswith("VLLM::EngineCore"):
                 engine_pids |= {pid, *descendants(pid)}
-        api_children = any(c.startswith("VLLM::APIServer") for c in commands.values())
+        api_children = any(c.startswith(API_PROCESSES) for c in commands.values())
         roles = {
             pid: _role(pid, root, commands[pid], engine_pids, api_children)
             for pid in pids
@@ -283,7 +299,7 @@ def _faces(case: Case, server: Server, name: str) -> list[_Face]:
     faces: list[_Face] = []
     for lane, face in enumerate(case.faces):
         if face == "grpc":
-            faces.append(_Face(face, load.GrpcClient(server.port), lane))
+            faces.append(_Face(face, load.GrpcClient(server.port, GRPC_CHANNELS), lane))
         else:
             port = server.http_port if case.server == "service" else server.port
             faces.append(_Face(face, load.HttpClient(port, name, CONCURRENCY + 8), lane))

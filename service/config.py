@@ -190,6 +190,13 @@ class ServiceConfig:
     engine: str = _opt(
         "vllm", "engine: vllm, or null (zero vectors at once; measures the front end alone)"
     )
+    api_processes: int = _opt(
+        1,
+        "front-end processes sharing the ports and one engine core per model; the queue"
+        " bounds, the stream budget and the vector cache are split between them (0: one"
+        " per two cores up to 8 on a GPU host, 1 on a CPU host, where the engine needs the"
+        " cores)",
+    )
 
     log_level: str = _opt(
         "INFO", "logging level; DEBUG also shows vLLM's own start-up lines (else warnings only)"
@@ -232,6 +239,8 @@ class ServiceConfig:
             raise ValueError("http_header_timeout_s and http_body_timeout_s must be positive")
         if self.http_max_connections < 0:
             raise ValueError("http_max_connections must be >= 0")
+        if self.api_processes < 0:
+            raise ValueError("api_processes must be >= 0")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file")
 

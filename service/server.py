@@ -35,6 +35,7 @@ from service.config import ServiceConfig
 from service.engines.base import Engine
 from service.engines.loading import check_vllm_args, load_engine, load_scorer
 from service.errors import EngineConfigError, EngineUnavailableError, ModelLoadError
+from service.front_ends.slot import FrontEndSlot
 from service.memory import HeapTrimmer
 from service.model_card import ModelCard, load_model_card, resolve_model_path
 from service.pair_tokenization import PairTokenizer, detect_pair_format
@@ -59,6 +60,8 @@ T = TypeVar("T")
 # grpc.reflection.v1 is v1alpha under a new package name, with the same messages; tools
 # that speak only v1 (newer grpcurl, Postman) ask for it.
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+# Sent by a supervisor of several front ends to each of them when an engine core dies.
+ENGINE_LOST_SIGNAL = signal.SIGUSR1
 
 
 def served_names(config: ServiceConfig) -> tuple[str, ...]:
@@ -347,7 +350,9 @@ async def warm_up(runtime: Runtime) -> None:
         )
 
 
-def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
+def grpc_options(config: ServiceConfig, shared_port: bool = False) -> list[tuple[str, int]]:
+    """`shared_port`: several front-end processes listen on the port (SO_REUSEPORT; the
+    supervisor checked that no other server holds it)."""
     age: list[tuple[str, int]] = []
     if config.max_connection_age_s > 0:
         # Clients reconnect periodically, re-resolve DNS and spread onto new pods; the grace
@@ -360,7 +365,7 @@ def grpc_options(config: ServiceConfig) -> list[tuple[str, int]]:
         *age,
         ("grpc.max_receive_message_length", config.max_request_bytes),
         # A second server on the same port must fail to bind, not share it silently.
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(shared_port)),
         # Long embedding calls send no data frames; let clients keep connections alive.
         ("grpc.keepalive_permit_without_calls", 1),
         # No window growth from bandwidth probes: a stream the server stops reading (it has
@@ -416,7 +421,10 @@ class EmbeddingServer:
         engine_factory: EngineFactory = load_engine,
         telemetry: Telemetry | None = None,
         scorer_factory: EngineFactory = load_scorer,
+        slot: FrontEndSlot | None = None,
     ):
+        """`slot`: this process is one of several front ends (service.front_ends), which
+        share the ports and reach the engine cores the supervisor started."""
         self.config = config
         self._engine_factory = engine_factory
         self._scorer_factory = scorer_factory
@@ -429,8 +437,9 @@ class EmbeddingServer:
         # With API keys, telemetry intercepts first, so it also sees the calls they refuse.
         # Without, it wraps the handlers at registration: an interceptor costs grpc.aio
         # about 5% of a single-text call (benchmarks/null_engine.py).
+        shared = slot is not None
         self.grpc = grpc.aio.server(
-            options=grpc_options(config), interceptors=[*hooks, *auth] if auth else []
+            options=grpc_options(config, shared), interceptors=[*hooks, *auth] if auth else []
         )
         self.heap = HeapTrimmer()
         streams = StreamBudget(config.streams_total, config.stream_max_inflight, self.heap.request)
@@ -455,7 +464,7 @@ class EmbeddingServer:
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         if config.health_port:
-            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(shared))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
             self.health_port = self._health_server.add_insecure_port(
                 f"{config.host}:{config.health_port}"
@@ -485,8 +494,11 @@ class EmbeddingServer:
                 header_timeout_s=config.http_header_timeout_s,
                 body_timeout_s=config.http_body_timeout_s,
                 max_connections=config.http_max_connections,
+                sock=slot.http_socket if slot is not None else None,
             )
         self._components: Components | None = None
+        self._slot = slot
+        self._engine_lost = ""  # why, once a supervisor said an engine core died
 
     @property
     def http_port(self) -> int:
@@ -503,7 +515,12 @@ class EmbeddingServer:
             await self.http.start()
         self.telemetry.start()  # /metrics answers while the engine loads (engine_up 0)
         models = (self.config.model, self.config.rerank_model)
-        log.info("loading %s", " and ".join(m for m in models if m))
+        first = self._slot is None or self._slot.index == 0  # one line for all front ends
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "loading %s",
+            " and ".join(m for m in models if m),
+        )
         # A misspelt engine argument fails here, before the model loads.
         await asyncio.to_thread(check_vllm_args, self.config)
         self._components = await build_components(
@@ -513,7 +530,12 @@ class EmbeddingServer:
         self.gate.open(self._components.runtime, self._components.alive)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s", self._ready_line(self._components.runtime))
+        # With several front ends, the supervisor says it once for all of them.
+        line = self._ready_line(self._components.runtime)
+        if self._slot is None:
+            log.info("%s", line)
+        else:
+            self._slot.report_ready(self.telemetry.metrics_port, line)
 
     def _ready_line(self, rt: Runtime) -> str:
         """Once ready, one line that names every model with its kind, and every endpoint."""
@@ -522,9 +544,11 @@ class EmbeddingServer:
         parts = [f"gRPC {host}:{self.port}"]
         if self.http is not None:
             parts.append(f"HTTP {self.http.scheme}://{host}:{self.http.port}/v1")
-        if self.telemetry.metrics_port:
+        # A front end of several serves its own on a private port; the supervisor, the merge.
+        metrics_port = self.config.metrics_port if self._slot else self.telemetry.metrics_port
+        if metrics_port:
             metrics_host = self.config.metrics_host or host
-            parts.append(f"metrics http://{metrics_host}:{self.telemetry.metrics_port}/metrics")
+            parts.append(f"metrics http://{metrics_host}:{metrics_port}/metrics")
         if self.health_port:
             parts.append(f"health {host}:{self.health_port}")
         return f"serving {model}: " + ", ".join(parts)
@@ -534,6 +558,10 @@ class EmbeddingServer:
         timeout = self.config.engine_timeout_s
         while True:
             await asyncio.sleep(interval_s)
+            if self._engine_lost:
+                return self._engine_lost
+            if self._slot is not None and not self._slot.supervised():
+                return "the supervisor of the front ends exited"
             c = self._components
             if c is None:
                 continue
@@ -541,6 +569,10 @@ class EmbeddingServer:
                 return "an engine process died"
             if max(b.oldest_inflight_age_s() for b in c.batchers) > timeout:
                 return f"an engine batch has run for over {timeout:.0f}s"
+
+    def engine_lost(self, reason: str) -> None:
+        """A supervisor saw an engine core die (this process cannot: it did not start it)."""
+        self._engine_lost = reason
 
     async def fail(self, reason: str) -> None:
         """The engine is gone: stop advertising, answer everyone waiting with UNAVAILABLE."""
@@ -570,11 +602,15 @@ class EmbeddingServer:
         await asyncio.to_thread(self.telemetry.shutdown)  # flushes exporters: may block
 
 
-async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engine) -> int:
+async def serve(
+    config: ServiceConfig,
+    engine_factory: EngineFactory = load_engine,
+    make_server: Callable[[], EmbeddingServer] | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT (exit 0 after draining), an engine failure or a failed start
-    (exit 1)."""
+    (exit 1). `make_server` builds the server instead (a front end of several)."""
     try:
-        server = EmbeddingServer(config, engine_factory)
+        server = make_server() if make_server else EmbeddingServer(config, engine_factory)
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -582,6 +618,8 @@ async def serve(config: ServiceConfig, engine_factory: EngineFactory = load_engi
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
+    # A supervisor's word that an engine core died (service.front_ends).
+    loop.add_signal_handler(ENGINE_LOST_SIGNAL, server.engine_lost, "an engine process died")
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(signalled.wait())
     watching = asyncio.create_task(server.watch_engine())

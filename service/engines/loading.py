@@ -12,10 +12,14 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.config import ServiceConfig
 from service.engines.base import EMBED, SCORE, Engine
 from service.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from service.engines.vllm_engine import EngineAttachment, VllmSettings
 
 # vLLM's start-up chatter: some 60 lines of notes and library warnings from this process
 # and the engine's, none of which a user can act on. Hidden unless the service logs at
@@ -82,29 +86,42 @@ class EngineSizing:
         )
 
 
-def load_vllm(config: ServiceConfig, model_path: Path, name: str, kind: str = EMBED) -> Engine:
-    """The vLLM engine for one model, as the service runs it (benchmarks build it here too)."""
+def vllm_settings(config: ServiceConfig, model_path: Path, name: str, kind: str) -> VllmSettings:
+    """One model's engine settings, from the service flags of its kind."""
     quiet = quiet_vllm(config)
-    from service.engines.vllm_engine import VllmEngine, VllmSettings
+    from service.engines.vllm_engine import VllmSettings
 
     sizing = EngineSizing.of(config, kind)
-    return VllmEngine.load(
-        VllmSettings(
-            model_path=model_path,
-            served_name=name,
-            dtype=config.dtype,
-            max_model_len=sizing.max_model_len,
-            gpu_memory_utilization=sizing.gpu_memory_utilization,
-            # The batcher sizes batches; the engine's step must still hold a whole window.
-            max_num_batched_tokens=max(sizing.max_batch_tokens, sizing.max_model_len),
-            max_num_seqs=sizing.max_batch_items,
-            enforce_eager=config.enforce_eager,
-            prefix_caching=config.prefix_caching,
-            progress_bars=not quiet,
-            vllm_args=sizing.vllm_args,
-            kind=kind,
-        )
+    return VllmSettings(
+        model_path=model_path,
+        served_name=name,
+        dtype=config.dtype,
+        max_model_len=sizing.max_model_len,
+        gpu_memory_utilization=sizing.gpu_memory_utilization,
+        # The batcher sizes batches; the engine's step must still hold a whole window.
+        max_num_batched_tokens=max(sizing.max_batch_tokens, sizing.max_model_len),
+        max_num_seqs=sizing.max_batch_items,
+        enforce_eager=config.enforce_eager,
+        prefix_caching=config.prefix_caching,
+        progress_bars=not quiet,
+        vllm_args=sizing.vllm_args,
+        kind=kind,
     )
+
+
+def load_vllm(
+    config: ServiceConfig,
+    model_path: Path,
+    name: str,
+    kind: str = EMBED,
+    attachment: EngineAttachment | None = None,
+) -> Engine:
+    """The vLLM engine for one model, as the service runs it (benchmarks build it here too);
+    with an attachment, a client of an engine core that a supervisor started."""
+    settings = vllm_settings(config, model_path, name, kind)
+    from service.engines.vllm_engine import VllmEngine
+
+    return VllmEngine.load(settings, attachment)
 
 
 def load_engine(config: ServiceConfig, model_path: Path, name: str) -> Engine:

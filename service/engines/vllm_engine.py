@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -48,12 +49,14 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 from vllm import AsyncEngineArgs, PoolingParams
+from vllm.config import VllmConfig
 from vllm.transformers_utils.config import maybe_register_config_serialize_by_value
 from vllm.usage.usage_lib import UsageContext
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine import EngineCoreOutputs, EngineCoreRequest
 from vllm.v1.engine.core_client import AsyncMPClient, EngineCoreClient
 from vllm.v1.engine.exceptions import EngineDeadError
+from vllm.v1.engine.utils import bind_engine_zmq_listeners, launch_core_engines
 from vllm.v1.executor import Executor
 
 from service.engines.base import EMBED, MODEL_KINDS, SCORE, EngineInfo
@@ -402,6 +405,122 @@ def _score_checks(settings: VllmSettings, model: Any) -> TokenTypeRule | None:
     return token_type_rule(_tokenizer(settings.model_path))
 
 
+@dataclass(frozen=True)
+class _EngineConfig:
+    """Everything derived from the settings before an engine core starts or is reached."""
+
+    vllm_config: VllmConfig
+    info: EngineInfo
+    params: PoolingParams
+    token_types: TokenTypeRule | None
+
+    @classmethod
+    def of(cls, settings: VllmSettings) -> _EngineConfig:
+        """Raises EngineConfigError, in one line, when vLLM refuses the settings."""
+        if settings.kind not in MODEL_KINDS:
+            raise EngineConfigError(f"model kind {settings.kind!r} is not one of {MODEL_KINDS}")
+        try:
+            args = step_budget_args(settings)
+            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+            model = vllm_config.model_config
+            token_types = _score_checks(settings, model) if settings.kind == SCORE else None
+        except ValueError as exc:  # pydantic's ValidationError is one
+            raise EngineConfigError(describe_config_error(exc)) from exc
+        # As AsyncLLM does: model configs from custom code must reach the engine process.
+        maybe_register_config_serialize_by_value()
+        if settings.kind == SCORE:
+            # "classify" is vLLM's cross-encoder task; the raw logit, the service applies the
+            # sigmoid (so both the probability and the logit can be answered).
+            params = PoolingParams(task="classify", use_activation=False)
+        else:
+            params = PoolingParams(task="embed", use_activation=False)
+        params.verify(model)  # fills the model's defaults, as vLLM's input processing would
+        info = EngineInfo(
+            model_name=settings.served_name,
+            dimension=1 if settings.kind == SCORE else int(model.embedding_size),
+            max_input_tokens=int(model.max_model_len),
+            dtype=str(model.dtype).removeprefix("torch."),
+            pooling=str(getattr(model.pooler_config, "seq_pooling_type", "") or ""),
+            kind=settings.kind,
+        )
+        return cls(vllm_config, info, params, token_types)
+
+
+@dataclass(frozen=True)
+class EngineAttachment:
+    """What one front-end process needs to reach an engine core that a supervisor started:
+    its own pair of ZMQ listeners (bound by the supervisor; they travel to the process
+    with it) and its index among the engine's clients, by which the core routes outputs
+    back to the process that sent the request."""
+
+    addresses: Mapping[str, Any]
+    count: int
+    index: int
+
+
+class SharedEngineCore:
+    """One engine-core process for `count` front-end processes, vLLM's --api-server-count
+    design: the supervisor binds one listener pair per client, starts the core, hands each
+    front end its attachment, and waits for the core to load the model."""
+
+    def __init__(self, settings: VllmSettings, count: int) -> None:
+        built = _EngineConfig.of(settings)
+        self.info = built.info
+        self._vllm_config = built.vllm_config
+        self._listeners = bind_engine_zmq_listeners(self._vllm_config, count)
+        addresses = self._listeners.addresses
+        self.attachments = [
+            EngineAttachment(
+                {
+                    "input_address": addresses.inputs[i],
+                    "output_address": addresses.outputs[i],
+                    "input_listener": self._listeners.inputs[i].socket,
+                    "output_listener": self._listeners.outputs[i].socket,
+                },
+                count,
+                i,
+            )
+            for i in range(count)
+        ]
+        self._launch: contextlib.AbstractContextManager[Any] | None = None
+        self._manager: Any = None
+
+    def start(self) -> None:
+        """Start the engine-core process; returns at once (wait_ready waits for the load)."""
+        self._launch = launch_core_engines(
+            self._vllm_config,
+            Executor.get_class(self._vllm_config),
+            False,
+            self._listeners.addresses,
+        )
+        self._manager = self._launch.__enter__().engine_manager
+
+    def wait_ready(self) -> None:
+        """Block until the core has loaded the model; raises if it failed to."""
+        launch, self._launch = self._launch, None
+        if launch is not None:
+            launch.__exit__(None, None, None)
+
+    def release_listeners(self) -> None:
+        """Close this process's copies once the front ends hold theirs (the IPC paths stay
+        until shutdown: the core connects through them)."""
+        for listener in (*self._listeners.inputs, *self._listeners.outputs):
+            listener.close()
+
+    def sentinels(self) -> list[int]:
+        return list(self._manager.sentinels()) if self._manager is not None else []
+
+    def shutdown(self) -> None:
+        if self._launch is not None:
+            with contextlib.suppress(Exception):
+                self._launch.__exit__(RuntimeError, RuntimeError("stopped"), None)
+            self._launch = None
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
+        self._listeners.cleanup()
+
+
 @dataclass(eq=False)
 class _Pending:
     """One engine call: its rows fill in as vLLM finishes their sequences, in any order."""
@@ -458,40 +577,28 @@ class VllmEngine:
         return self._failure is None and not self._core.resources.engine_dead
 
     @classmethod
-    def load(cls, settings: VllmSettings) -> VllmEngine:
-        if settings.kind not in MODEL_KINDS:
-            raise EngineConfigError(f"model kind {settings.kind!r} is not one of {MODEL_KINDS}")
-        try:
-            args = step_budget_args(settings)
-            vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-            model = vllm_config.model_config
-            token_types = _score_checks(settings, model) if settings.kind == SCORE else None
-        except ValueError as exc:  # pydantic's ValidationError is one
-            raise EngineConfigError(describe_config_error(exc)) from exc
-        # As AsyncLLM does: model configs from custom code must reach the engine process.
-        maybe_register_config_serialize_by_value()
-        if settings.kind == SCORE:
-            # "classify" is vLLM's cross-encoder task; the raw logit, the service applies the
-            # sigmoid (so both the probability and the logit can be answered).
-            params = PoolingParams(task="classify", use_activation=False)
+    def load(cls, settings: VllmSettings, attachment: EngineAttachment | None = None) -> VllmEngine:
+        """Start the model's engine-core process and connect to it; or, with an attachment,
+        connect to one a supervisor started for several front-end processes."""
+        built = _EngineConfig.of(settings)
+        if attachment is None:
+            # Starts the engine-core process and waits until it has loaded the model.
+            # log_stats off: the service has its own metrics, and vLLM's cost CPU every step.
+            core = EngineCoreClient.make_async_mp_client(
+                built.vllm_config, Executor.get_class(built.vllm_config), log_stats=False
+            )
         else:
-            params = PoolingParams(task="embed", use_activation=False)
-        params.verify(model)  # fills the model's defaults, as vLLM's input processing would
-        # Starts the engine-core process and waits until it has loaded the model. log_stats
-        # off: the service has its own metrics, and vLLM's cost CPU on every step.
-        core = EngineCoreClient.make_async_mp_client(
-            vllm_config, Executor.get_class(vllm_config), log_stats=False
-        )
-        info = EngineInfo(
-            model_name=settings.served_name,
-            dimension=1 if settings.kind == SCORE else int(model.embedding_size),
-            max_input_tokens=int(model.max_model_len),
-            dtype=str(model.dtype).removeprefix("torch."),
-            pooling=str(getattr(model.pooler_config, "seq_pooling_type", "") or ""),
-            kind=settings.kind,
-        )
-        log.debug("vLLM engine loaded: %s", info)
-        return cls(core, info, params, token_types)
+            # Waits until the shared engine core has loaded the model and said it is ready.
+            core = EngineCoreClient.make_async_mp_client(
+                built.vllm_config,
+                Executor.get_class(built.vllm_config),
+                log_stats=False,
+                client_addresses=dict(attachment.addresses),
+                client_count=attachment.count,
+                client_index=attachment.index,
+            )
+        log.debug("vLLM engine loaded: %s", built.info)
+        return cls(core, built.info, built.params, built.token_types)
 
     async def embed(
         self, batch: Sequence[Sequence[int]], priority: int = 0

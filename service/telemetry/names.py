@@ -58,6 +58,8 @@ TOKEN_COUNT = "embedding.token_count"
 TRUNCATED_COUNT = "embedding.truncated_count"
 BATCH_SIZE = "embedding.batch.items"
 BATCH_SIZE_TOKENS = "embedding.batch.tokens"
+# A resource attribute: which of several front-end processes (--api-processes) this is.
+FRONT_END = "embedding.front_end"
 
 # --- Span names ----------------------------------------------------------------------------
 SPAN_TOKENIZE = "embedding.tokenize"

@@ -21,7 +21,7 @@ from wsgiref.simple_server import WSGIServer
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter
-from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
+from opentelemetry.sdk.resources import PROCESS_PID, SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor
 from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -141,15 +141,18 @@ class Telemetry:
         config: ServiceConfig,
         environ: Mapping[str, str] | None = None,
         span_processor: SpanProcessor | None = None,
+        front_end: int | None = None,
     ) -> Telemetry:
         """Exporters from the config and the standard OTEL_* variables.
 
         `span_processor` turns tracing on without OTLP (the overhead benchmark uses it).
+        `front_end`: this process's index among several front ends; its spans name it, and
+        its /metrics is served on a private loopback port for the supervisor to merge.
         """
         env = os.environ if environ is None else environ
         if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
             return cls(metrics_endpoint=None)
-        resource = _resource()
+        resource = _resource(front_end)
         processors: list[SpanProcessor] = []
         if _otlp_wanted(env, "TRACES"):
             processors.append(BatchSpanProcessor(_otlp_span_exporter(env)))
@@ -168,8 +171,11 @@ class Telemetry:
             # in one process, and would also expose prometheus_client's process metrics.
             registry = CollectorRegistry()
             readers.append(PrometheusReader(registry=registry))
-            host = config.metrics_host or config.host
-            endpoint = MetricsEndpoint(host, config.metrics_port, registry)
+            if front_end is None:
+                host, port = config.metrics_host or config.host, config.metrics_port
+            else:
+                host, port = "127.0.0.1", 0
+            endpoint = MetricsEndpoint(host, port, registry)
         if _otlp_wanted(env, "METRICS"):
             readers.append(PeriodicExportingReader(_otlp_metric_exporter(env)))
         return cls(
@@ -209,9 +215,12 @@ class Telemetry:
                 self.meter_provider.shutdown()
 
 
-def _resource() -> Resource:
+def _resource(front_end: int | None = None) -> Resource:
     # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; a name set there wins.
-    resource = Resource.create({SERVICE_VERSION: version()})
+    attributes: dict[str, str | int] = {SERVICE_VERSION: version()}
+    if front_end is not None:
+        attributes.update({PROCESS_PID: os.getpid(), names.FRONT_END: front_end})
+    resource = Resource.create(attributes)
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
     return resource

@@ -6,11 +6,9 @@ Each server here is disposable (the tests end it), so it is not the session's sh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,21 +21,25 @@ import pytest
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import EmbeddingClient
-from service.telemetry.names import QUEUE_ITEMS_METRIC
 from tests.integration.conftest import ENGINE_ARGS
+from tests.probes import (
+    PATIENCE_S,
+    code_name,
+    engine_cores,
+    frozen_engine,
+    unary_behind_a_full_queue,
+    until,
+)
 from tests.reference import minilm_reference
 from tests.servers import ServerProcess, free_port, health_status, start_server
 from tests.texts import TEXTS
 
 BATCH_ITEMS = 32
-# Nothing here may depend on how fast this machine is. Waits are bounded by PATIENCE_S, only
-# a hang reaches it; the drain's grace and the engine watchdog are far beyond any test.
-PATIENCE_S = 600.0
+# The drain's grace and the engine watchdog are far beyond any test.
 DRAIN_GRACE_S = 3600
 # Room in the queue for floods to overflow, and for a stream to queue many batches ahead of
 # a unary call (the bulk share of it, in items and in tokens).
@@ -61,49 +63,6 @@ def small_queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ser
     server = start_server(args, tmp_path_factory.mktemp("r") / "s.log")
     yield server
     server.stop()
-
-
-def _engine_cores(server: ServerProcess) -> list[psutil.Process]:
-    cores = [
-        p
-        for p in psutil.Process(server.process.pid).children(recursive=True)
-        if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
-    ]
-    assert cores, "no EngineCore process found"
-    return cores
-
-
-@contextlib.contextmanager
-def frozen_engine(server: ServerProcess) -> Iterator[None]:
-    """SIGSTOP the vLLM engine core: the server keeps reading, queueing and refusing, but
-    nothing finishes until the block ends, however fast or slow either side runs."""
-    cores = _engine_cores(server)
-    for core in cores:
-        core.suspend()
-    try:
-        yield
-    finally:
-        for core in cores:
-            core.resume()
-
-
-def _until(check: Callable[[], bool], what: str) -> None:
-    """Polls `check`; fails after PATIENCE_S (a hang, not slowness)."""
-    give_up = time.monotonic() + PATIENCE_S
-    while not check():
-        assert time.monotonic() < give_up, f"never: {what}"
-        time.sleep(0.05)
-
-
-def _queued_items() -> float:
-    """The server's queue gauge, as the HPA reads it."""
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-    with urllib.request.urlopen(url, timeout=PATIENCE_S) as reply:
-        text = reply.read().decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == QUEUE_ITEMS_METRIC:
-            return float(family.samples[0].value)
-    raise AssertionError(f"no {QUEUE_ITEMS_METRIC} in /metrics")
 
 
 def _flood_call(client: EmbeddingClient, texts: list[str]) -> str:
@@ -130,7 +89,7 @@ def test_flood_gets_answers_or_resource_exhausted(
         # however slowly it arrives; every call that ends meanwhile was refused.
         with frozen_engine(small_queue_server):
             calls = [pool.submit(_flood_call, clients[i % 4], texts) for i in range(96)]
-            _until(lambda: any(c.done() for c in calls), "a call refused by the full queue")
+            until(lambda: any(c.done() for c in calls), "a call refused by the full queue")
         codes = [c.result() for c in calls]
     rss_growth = proc.memory_info().rss - rss_before
     # 96 calls x 32 texts = 3072 items against a queue of 1024: most must be refused.
@@ -155,7 +114,7 @@ def test_http_flood_gets_answers_or_429(small_queue_server: ServerProcess) -> No
     with ThreadPoolExecutor(48) as pool:
         with frozen_engine(small_queue_server):  # as in the gRPC flood
             calls = [pool.submit(post) for _ in range(96)]
-            _until(lambda: any(c.done() for c in calls), "a request refused by the full queue")
+            until(lambda: any(c.done() for c in calls), "a request refused by the full queue")
         replies = [c.result() for c in calls]
     statuses = {r.status_code for r in replies}
     assert statuses == {200, 429}, statuses
@@ -185,10 +144,16 @@ def test_unary_calls_overtake_a_saturating_stream(small_queue_server: ServerProc
         thread = threading.Thread(target=consume)
         thread.start()
         try:
-            _until(lambda: received >= 50 or not thread.is_alive(), "the stream is running")
+            until(lambda: received >= 50 or not thread.is_alive(), "the stream is running")
             for _ in range(3):
                 rounds.append(
-                    _unary_behind_a_full_queue(small_queue_server, client, lambda: received)
+                    unary_behind_a_full_queue(
+                        small_queue_server,
+                        METRICS_PORT,
+                        lambda: len(client.embed(["an interactive query"]).vectors),
+                        lambda: received,
+                        BATCH_ITEMS,
+                    )
                 )
         finally:
             thread.join(PATIENCE_S)
@@ -198,40 +163,6 @@ def test_unary_calls_overtake_a_saturating_stream(small_queue_server: ServerProc
         # FIFO would deliver every queued bulk item first (and the two frozen batches); the
         # call may wait for those two, and ride with at most a batch of bulk items.
         assert during < queued, rounds  # queued >= 4 batches: the two cannot be confused
-
-
-def _unary_behind_a_full_queue(
-    server: ServerProcess, client: EmbeddingClient, received: Callable[[], float]
-) -> tuple[float, int]:
-    """Freezes the engine until the stream has filled its room in the queue, sends a unary
-    call, lets the engine go; returns the bulk results that arrived meanwhile and how many
-    bulk items were queued ahead of the call."""
-    with ThreadPoolExecutor(1) as pool, frozen_engine(server):
-        # Nothing finishes now: the queue stops growing once the stream's room is used up,
-        # and the client takes in what finished before the freeze.
-        _until(lambda: _queued_items() >= 4 * BATCH_ITEMS, "the stream queues four batches")
-        _until(_settled(_queued_items), "the stream's room is used up")
-        _until(_settled(received), "the stream's results are all in")
-        queued = int(_queued_items())
-        before = received()
-        call = pool.submit(client.embed, ["an interactive query"])
-        _until(lambda: _queued_items() > queued or call.done(), "the call is queued")
-    assert len(call.result(timeout=PATIENCE_S).vectors) == 1
-    return received() - before, queued
-
-
-def _settled(value: Callable[[], float]) -> Callable[[], bool]:
-    """A check for _until: true once `value` has not moved for a second. Only used while the
-    engine is frozen, when nothing moves it for long."""
-    last = [value(), time.monotonic()]
-
-    def check() -> bool:
-        now = value()
-        if now != last[0]:
-            last[:] = [now, time.monotonic()]
-        return time.monotonic() - last[1] >= 1.0
-
-    return check
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
@@ -285,7 +216,7 @@ def test_sigterm_drains_without_losing_accepted_work(small_queue_server: ServerP
             small_queue_server.process.send_signal(signal.SIGTERM)
             health = f"127.0.0.1:{HEALTH_PORT}"
             not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-            _until(lambda: health_status(health) == not_serving, "NOT_SERVING on SIGTERM")
+            until(lambda: health_status(health) == not_serving, "NOT_SERVING on SIGTERM")
             with (
                 EmbeddingClient(small_queue_server.address) as late,
                 pytest.raises(grpc.RpcError) as refused,
@@ -321,20 +252,20 @@ def test_engine_death_answers_unavailable_and_exits_nonzero(
 ) -> None:
     server = start_server(ENGINE_ARGS, tmp_path_factory.mktemp("death") / "s.log")
     try:
-        engine_cores = _engine_cores(server)
+        cores = engine_cores(server)
         items = [(f"k-{i}", f"{TEXTS[i % len(TEXTS)]} {i}") for i in range(2000)]
         with EmbeddingClient(server.address) as client:
             stream = client.embed_stream(items)
             first = next(stream)
             assert first.ok
-            for p in engine_cores:
+            for p in cores:
                 p.kill()
             codes: set[str] = set()
             seen_not_serving = False
             try:
                 for result in stream:
                     if not result.ok and result.error is not None:
-                        codes.add(_code_name(result.error.code))
+                        codes.add(code_name(result.error.code))
             except grpc.RpcError as err:
                 assert isinstance(err, grpc.Call)
                 codes.add(err.code().name)
@@ -358,10 +289,6 @@ def test_engine_death_answers_unavailable_and_exits_nonzero(
         assert 200 not in http_statuses, "HTTP /health never says serving once the engine died"
     finally:
         server.stop()
-
-
-def _code_name(number: int) -> str:
-    return next(c.name for c in grpc.StatusCode if c.value[0] == number)
 
 
 FLOOD_STREAMS = 120

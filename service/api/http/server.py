@@ -187,16 +187,17 @@ class _InLoopServer(uvicorn.Server):
         yield
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_http(host: str, port: int) -> socket.socket:
+    """The HTTP face's listening socket; raises OSError naming the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         # Reuse a port in TIME_WAIT after a restart; a second live listener still fails.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(f"cannot serve HTTP on {host}:{port}: {exc}") from exc
     sock.set_inheritable(True)
     return sock
 
@@ -212,7 +213,10 @@ class HttpServer:
         header_timeout_s: float = 10.0,
         body_timeout_s: float = 60.0,
         max_connections: int = 2048,
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: a listening socket bound by a supervisor and shared by several front-end
+        processes (--api-processes), instead of binding host:port here."""
         if not log.isEnabledFor(logging.DEBUG):
             # "Started server process" and the like; the server logs its own ready line.
             logging.getLogger("uvicorn").setLevel(logging.WARNING)
@@ -234,6 +238,7 @@ class HttpServer:
         )
         self._host = host
         self._port = port
+        self._sock = sock
         self.scheme = "https" if tls else "http"
         self._server = _InLoopServer(self._config)
         self._task: asyncio.Task[None] | None = None
@@ -241,10 +246,7 @@ class HttpServer:
 
     async def start(self) -> None:
         """Listen; raises OSError naming the address when it cannot bind."""
-        try:
-            sock = _bind(self._host, self._port)
-        except OSError as exc:
-            raise OSError(f"cannot serve HTTP on {self._host}:{self._port}: {exc}") from exc
+        sock = self._sock or bind_http(self._host, self._port)
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http")
         while not self._server.started:
