@@ -195,6 +195,25 @@ def defaults_table(results: Row) -> list[str]:
     return _table(header, rows)
 
 
+def zipf_cache_table(results: Row) -> list[str]:
+    """Zipf-repeated queries on the service with one front-end process and with two, whose
+    vector caches are their own: queries/s and the share answered from the cache."""
+    defaults: Row = results.get("defaults", {})
+    rows = []
+    for target, points in defaults.items():
+        p = points.get("zipf", {}).get("64")
+        if not p or target == "vllm":
+            continue
+        processes = "2" if target.endswith("_n2") else "1"
+        face = "HTTP" if "http" in target else "gRPC"
+        hits = p["cached"] / p["texts"] if p.get("texts") else None
+        rows.append(
+            [face, processes, _f(p.get("docs_per_s")), _f(None if hits is None else 100 * hits)]
+        )
+    header = ["face", "front-end processes", "queries/s", "answered from the cache, %"]
+    return _table(header, rows) if rows else []
+
+
 def rerank_table(results: Row) -> list[str]:
     """Scenario 7: 1 query x 20 documents per call, each server at each concurrency."""
     rerank: Row = results.get("rerank", {})
@@ -452,6 +471,7 @@ def markdown(results: Row) -> str:
             " vLLM's server with the model and the pooling runner only.",
             "",
             *defaults_table(results),
+            *zipf_cache_table(results),
         ]
     if "rerank" in results:
         meta = results["rerank"].get("meta", {})
