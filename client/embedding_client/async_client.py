@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -14,7 +15,7 @@ from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import splitting
 from embedding_client.auth import auth_metadata
-from embedding_client.channel import channel_options
+from embedding_client.channel import channel_options, check_connections
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
@@ -52,22 +53,30 @@ class AsyncEmbeddingClient:
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
         max_concurrency: int = splitting.DEFAULT_MAX_CONCURRENCY,
+        connections: int = 1,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        check_connections(connections)
         sent = auth_metadata(metadata, api_key)  # before opening the channel: may raise
-        opts = channel_options(service_config)
-        self._channel = (
+        opts = channel_options(service_config, own_connections=connections > 1)
+        self._channels = [
             grpc.aio.secure_channel(target, credentials, options=opts)
             if credentials is not None
             else grpc.aio.insecure_channel(target, options=opts)
-        )
-        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+            for _ in range(connections)
+        ]
+        self._stubs = itertools.cycle([pb_grpc.EmbeddingServiceStub(c) for c in self._channels])
         self._metadata = sent  # with every call, streams included
         self._timeout = timeout
         self._max_concurrency = max_concurrency
         self._info: pb.GetModelInfoResponse | None = None
         self._info_lock = asyncio.Lock()
+
+    @property
+    def _stub(self) -> pb_grpc.EmbeddingServiceAsyncStub:
+        """The next connection's stub: calls take the connections in turn."""
+        return next(self._stubs)
 
     async def embed(self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]) -> EmbedResult:
         """Embed `inputs`; a list over the server's limits goes as several calls, and the
@@ -229,7 +238,8 @@ class AsyncEmbeddingClient:
         return run.result()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         return self

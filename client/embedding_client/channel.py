@@ -35,10 +35,20 @@ DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
-def channel_options(service_config: dict[str, Any] | None = None) -> list[tuple[str, Any]]:
+def channel_options(
+    service_config: dict[str, Any] | None = None, own_connections: bool = False
+) -> list[tuple[str, Any]]:
+    """`own_connections`: the channel gets connections of its own instead of sharing those
+    of every other channel to the same address (grpc's global subchannel pool)."""
     return [
         ("grpc.service_config", json.dumps(service_config or DEFAULT_SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        *([("grpc.use_local_subchannel_pool", 1)] if own_connections else []),
     ]
+
+
+def check_connections(connections: int) -> None:
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, not {connections}")

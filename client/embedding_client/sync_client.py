@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -14,7 +15,7 @@ from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import splitting
 from embedding_client.auth import auth_metadata
-from embedding_client.channel import channel_options
+from embedding_client.channel import channel_options, check_connections
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
@@ -46,6 +47,10 @@ class EmbeddingClient:
     `embed` and `tokenize` split a call over the server's limits into sub-calls, at most
     `max_concurrency` in flight; `timeout` applies to each RPC.
 
+    `connections` > 1 opens that many connections, which calls take in turn: a server with
+    several front-end processes (--api-processes) serves each connection in one of them, so
+    one busy client reaches all of them only over several.
+
     `api_key`, for a server started with --api-keys, goes as `authorization: Bearer <key>`
     on every call, streams included. When it is None the key comes from $EMBED_API_KEY (the
     variable embed-files reads too), if set; pass "" to send none whatever the environment
@@ -63,22 +68,30 @@ class EmbeddingClient:
         timeout: float | None = 60.0,
         service_config: dict[str, Any] | None = None,
         max_concurrency: int = splitting.DEFAULT_MAX_CONCURRENCY,
+        connections: int = 1,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+        check_connections(connections)
         sent = auth_metadata(metadata, api_key)  # before opening the channel: may raise
-        opts = channel_options(service_config)
-        self._channel = (
+        opts = channel_options(service_config, own_connections=connections > 1)
+        self._channels = [
             grpc.secure_channel(target, credentials, options=opts)
             if credentials is not None
             else grpc.insecure_channel(target, options=opts)
-        )
-        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+            for _ in range(connections)
+        ]
+        self._stubs = itertools.cycle([pb_grpc.EmbeddingServiceStub(c) for c in self._channels])
         self._metadata = sent  # with every call, streams included
         self._timeout = timeout
         self._max_concurrency = max_concurrency
         self._info: pb.GetModelInfoResponse | None = None
         self._info_lock = threading.Lock()
+
+    @property
+    def _stub(self) -> pb_grpc.EmbeddingServiceStub:
+        """The next connection's stub: calls take the connections in turn."""
+        return next(self._stubs)
 
     def embed(self, inputs: Sequence[str], **options: Unpack[OptionsKwargs]) -> EmbedResult:
         """Embed `inputs`; a list over the server's limits goes as several calls, and the
@@ -244,7 +257,8 @@ class EmbeddingClient:
         return run.result()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> EmbeddingClient:
         return self

@@ -89,6 +89,11 @@ def _private_metrics(process: psutil.Process) -> dict[str, float]:
     raise AssertionError(f"no /metrics port among {ports}")
 
 
+def _inputs_per_front_end(server: ServerProcess) -> list[float]:
+    """How many inputs each front end has embedded so far (its warm-up call included)."""
+    return [_private_metrics(p).get("embedding_inputs_total", 0.0) for p in _front_ends(server)]
+
+
 def _totals(text: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -107,6 +112,7 @@ def test_two_front_ends_give_the_vectors_and_scores_of_one_process(
 ) -> None:
     texts = [f"{TEXTS[i % len(TEXTS)]} front end {i}" for i in range(24)]
     reference = minilm_reference(minilm_dir, texts)
+    before = _inputs_per_front_end(two_front_ends)
     # Many connections, so that both processes take some (the kernel spreads gRPC
     # connections by address; HTTP goes to whichever process accepts first).
     with ThreadPoolExecutor(8) as pool:
@@ -138,9 +144,8 @@ def test_two_front_ends_give_the_vectors_and_scores_of_one_process(
                 pb.RerankRequest(query=query, documents=documents), timeout=PATIENCE_S
             )
         np.testing.assert_allclose([r.relevance_score for r in reply.results], expected, atol=1e-4)
-    served = [
-        _private_metrics(p).get("embedding_inputs_total", 0.0) for p in _front_ends(two_front_ends)
-    ]
+    after = _inputs_per_front_end(two_front_ends)
+    served = [b - a for a, b in zip(before, after, strict=True)]
     assert len(served) == 2 and all(n > 0 for n in served), served
 
 
@@ -256,6 +261,22 @@ def _not_serving(address: str) -> bool:
         return bool(health_status(address) == 2)  # NOT_SERVING
     except grpc.RpcError:
         return True  # that process has closed its port already
+
+
+def test_a_client_with_several_connections_reaches_every_front_end(tmp_path: Path) -> None:
+    """Each front end serves the gRPC connections the kernel hands it: one client reaches
+    both processes over several connections (connections=4), whichever the hashing."""
+    server = _start(["--engine", "null"], tmp_path / "s.log")
+    try:
+        before = _inputs_per_front_end(server)
+        # 16 connections, hashed onto 2 processes: all on one has odds of 2 in 65,536.
+        with EmbeddingClient(server.address, connections=16) as client:
+            for i in range(48):
+                assert len(client.embed([f"call {i}"]).vectors) == 1
+        served = [b - a for a, b in zip(before, _inputs_per_front_end(server), strict=True)]
+        assert sum(served) == 48 and all(n > 0 for n in served), served
+    finally:
+        server.stop()
 
 
 def test_a_dead_front_end_takes_the_others_down(tmp_path: Path) -> None:

@@ -122,3 +122,11 @@ def test_metrics_merge_sums_counters_histograms_and_queues_but_not_engine_up() -
     assert values[("queue_wait_seconds_bucket", (("le", "1.0"),))] == 2
     assert values[("queue_wait_seconds_count", ())] == 3
     assert values[("queue_wait_seconds_sum", ())] == pytest.approx(2.55)
+
+
+def test_client_connections_must_be_positive() -> None:
+    from embedding_client import AsyncEmbeddingClient, EmbeddingClient
+
+    for make in (EmbeddingClient, AsyncEmbeddingClient):
+        with pytest.raises(ValueError, match="connections must be at least 1, not 0"):
+            make("127.0.0.1:1", connections=0)
