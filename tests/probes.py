@@ -4,6 +4,7 @@ is: polls bounded only against a hang, a frozen engine, the queue gauge as an HP
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import grpc
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from embedding_client import EmbeddingClient
 from service.telemetry.names import QUEUE_ITEMS_METRIC
 from tests.servers import ServerProcess
 
@@ -111,3 +113,44 @@ def unary_behind_a_full_queue(
         until(lambda: queued_now() > queued or answer.done(), "the call is queued")
     assert answer.result(timeout=PATIENCE_S) == 1
     return received() - before, queued
+
+
+def unary_calls_during_a_stream(
+    server: ServerProcess,
+    metrics_port: int,
+    items: list[tuple[str, str]],
+    call: Callable[[EmbeddingClient], int],
+    *,
+    batch_items: int,
+    rounds: int,
+) -> list[tuple[float, int]]:
+    """A stream of `items` runs to its end while `rounds` unary calls (`call`, given the
+    streaming client) are each made behind a full queue (unary_behind_a_full_queue);
+    returns each round's (bulk results during the call, bulk items queued ahead of it)."""
+    received = 0
+    failed: list[str] = []
+    measured: list[tuple[float, int]] = []
+    with EmbeddingClient(server.address) as client:
+
+        def consume() -> None:
+            nonlocal received
+            for result in client.embed_stream(items):
+                if not result.ok:
+                    failed.append(str(result.error))
+                received += 1
+
+        thread = threading.Thread(target=consume)
+        thread.start()
+        try:
+            until(lambda: received >= 50 or not thread.is_alive(), "the stream is running")
+            for _ in range(rounds):
+                measured.append(
+                    unary_behind_a_full_queue(
+                        server, metrics_port, lambda: call(client), lambda: received, batch_items
+                    )
+                )
+        finally:
+            thread.join(PATIENCE_S)
+    assert not thread.is_alive(), "the stream never ended"
+    assert received == len(items) and not failed, failed[:3]
+    return measured

@@ -25,7 +25,13 @@ from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from embedding_client import EmbeddingClient
 from tests.integration.conftest import ENGINE_ARGS, RERANK_ARGS
-from tests.probes import PATIENCE_S, code_name, is_engine_core, unary_behind_a_full_queue, until
+from tests.probes import (
+    PATIENCE_S,
+    code_name,
+    is_engine_core,
+    unary_calls_during_a_stream,
+    until,
+)
 from tests.reference import minilm_reference
 from tests.reference_rerank import cross_encoder_scores
 from tests.servers import ServerProcess, free_port, health_status, start_server
@@ -167,36 +173,14 @@ def test_an_interactive_call_overtakes_bulk_work_of_every_front_end(
     for the bulk items queued ahead of it. Here each call opens a fresh connection, landing
     on either process: the engine core's priority scheduling sees the work of both."""
     items = [(f"bulk-{i}", f"{TEXTS[i % len(TEXTS)]} bulk {i}") for i in range(2000)]
-    received = 0
-    failed: list[str] = []
-    rounds: list[tuple[float, int]] = []
 
-    def call() -> int:
+    def call(_: EmbeddingClient) -> int:
         with EmbeddingClient(two_front_ends.address) as fresh:
             return len(fresh.embed(["an interactive query"]).vectors)
 
-    with EmbeddingClient(two_front_ends.address) as streaming:
-
-        def consume() -> None:
-            nonlocal received
-            for result in streaming.embed_stream(items):
-                if not result.ok:
-                    failed.append(str(result.error))
-                received += 1
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        try:
-            until(lambda: received >= 50 or not thread.is_alive(), "the stream is running")
-            for _ in range(4):
-                rounds.append(
-                    unary_behind_a_full_queue(
-                        two_front_ends, METRICS_PORT, call, lambda: received, BATCH_ITEMS
-                    )
-                )
-        finally:
-            thread.join(PATIENCE_S)
-    assert received == len(items) and not failed, failed[:3]
+    rounds = unary_calls_during_a_stream(
+        two_front_ends, METRICS_PORT, items, call, batch_items=BATCH_ITEMS, rounds=4
+    )
     for during, queued in rounds:
         assert during < queued, rounds
 

@@ -31,7 +31,7 @@ from tests.probes import (
     code_name,
     engine_cores,
     frozen_engine,
-    unary_behind_a_full_queue,
+    unary_calls_during_a_stream,
     until,
 )
 from tests.reference import minilm_reference
@@ -129,36 +129,15 @@ def test_unary_calls_overtake_a_saturating_stream(small_queue_server: ServerProc
     engine, not for the bulk items queued ahead of it. The engine is frozen while the queue
     fills and the call is sent, so the queue ahead of the call is known, not raced."""
     items = [(f"bulk-{i}", f"{TEXTS[i % len(TEXTS)]} bulk {i}") for i in range(1500)]
-    received = 0
-    failed: list[str] = []
-    rounds: list[tuple[float, int]] = []  # (bulk results during the call, bulk items queued)
-    with EmbeddingClient(small_queue_server.address) as client:
-
-        def consume() -> None:
-            nonlocal received
-            for result in client.embed_stream(items):
-                if not result.ok:
-                    failed.append(str(result.error))
-                received += 1
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        try:
-            until(lambda: received >= 50 or not thread.is_alive(), "the stream is running")
-            for _ in range(3):
-                rounds.append(
-                    unary_behind_a_full_queue(
-                        small_queue_server,
-                        METRICS_PORT,
-                        lambda: len(client.embed(["an interactive query"]).vectors),
-                        lambda: received,
-                        BATCH_ITEMS,
-                    )
-                )
-        finally:
-            thread.join(PATIENCE_S)
-    assert not thread.is_alive(), "the stream never ended"
-    assert received == len(items) and not failed, failed[:3]
+    # (bulk results during the call, bulk items queued)
+    rounds = unary_calls_during_a_stream(
+        small_queue_server,
+        METRICS_PORT,
+        items,
+        lambda client: len(client.embed(["an interactive query"]).vectors),
+        batch_items=BATCH_ITEMS,
+        rounds=3,
+    )
     for during, queued in rounds:
         # FIFO would deliver every queued bulk item first (and the two frozen batches); the
         # call may wait for those two, and ride with at most a batch of bulk items.
