@@ -194,8 +194,8 @@ class ServiceConfig:
         1,
         "front-end processes sharing the ports and one engine core per model; the queue"
         " bounds, the stream budget and the vector cache are split between them (0: one"
-        " per two cores up to 8 on a GPU host, 1 on a CPU host, where the engine needs the"
-        " cores)",
+        " per two usable CPUs, a pod's CPU limit included, up to 8 on a GPU host; 1 on a CPU"
+        " host, where the engine needs the cores)",
     )
 
     log_level: str = _opt(

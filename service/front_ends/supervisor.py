@@ -91,8 +91,9 @@ def share(
     config: ServiceConfig, count: int, grpc_port: int, http_port: int, health_port: int
 ) -> ServiceConfig:
     """One front end's configuration: the ports as bound, and each server-wide bound split
-    `count` ways, so that together they hold what one process would (the per-call and
-    per-stream limits stay whole)."""
+    `count` ways, so that together they hold what one process would. The per-call and
+    per-stream limits stay whole, except that a call's tokens can never exceed one
+    process's queue (the limits each front end reports say so)."""
 
     def part(total: int) -> int:
         return max(1, math.ceil(total / count))
