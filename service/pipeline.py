@@ -183,8 +183,24 @@ class EngineQueue:
     def stages(self) -> StageObserver:
         return self.telemetry or _NO_STAGES
 
-    def check_deadline(self, deadline: float | None) -> None:
-        check_deadline(self.batcher, deadline)
+    def check_deadline(self, deadline: float | None, flow: object | None = None) -> None:
+        """Refuse an interactive call the queue cannot serve in time; a stream's item
+        (`flow` set) waits for room instead, as bulk work does."""
+        if flow is None:
+            check_deadline(self.batcher, deadline)
+
+    async def run(
+        self,
+        units: list[TokenizedInput],
+        field: str,
+        deadline: float | None,
+        flow: object | None = None,
+    ) -> list[ItemResult]:
+        """One call's engine items: interactive, or, with `flow` (a stream), bulk work in
+        that stream's fair share."""
+        if flow is None:
+            return await self.run_interactive(units, field, deadline)
+        return await self.run_bulk(units, deadline, flow)
 
     async def run_interactive(
         self, units: list[TokenizedInput], field: str, deadline: float | None
@@ -206,6 +222,30 @@ class EngineQueue:
         self.stages.batched(submitted_ns, results)
         return results
 
+    async def run_bulk(
+        self, units: list[TokenizedInput], deadline: float | None, flow: object
+    ) -> list[ItemResult]:
+        """One stream item's engine items as bulk work, like embed_bulk's: each waits for
+        room in the bulk share of the queue instead of being refused (so no per-request
+        token limit: the stream's budget bounds what it holds), and `flow` (the stream) is
+        the fair share of the engine they belong to. Interactive calls go ahead of them.
+        No queue and engine spans per stream item (a stream has many); metrics see them."""
+        self.stages.tokenized(units)
+        caller = self.stages.caller()
+        futures: list[asyncio.Future[ItemResult]] = []
+        try:
+            for unit in units:
+                futures.append(
+                    await self.batcher.submit_when_ready(
+                        unit.ids, Priority.BULK, deadline, caller, flow
+                    )
+                )
+        except BaseException:
+            for f in futures:  # admitted siblings go too: the item fails whole
+                f.cancel()
+            raise
+        return await gather_items(futures)
+
 
 class Embedder:
     def __init__(self, tokenizer: TextTokenizer, queue: EngineQueue) -> None:
@@ -215,17 +255,24 @@ class Embedder:
         self._stages = queue.stages
 
     async def embed(
-        self, texts: Inputs, spec: EmbedSpec, field: str, deadline: float | None
+        self,
+        texts: Inputs,
+        spec: EmbedSpec,
+        field: str,
+        deadline: float | None,
+        flow: object | None = None,
     ) -> EmbedOutcome:
-        """Interactive path: all inputs are admitted together or the call is refused."""
-        self._queue.check_deadline(deadline)
+        """Interactive path: all inputs are admitted together or the call is refused. With
+        `flow` (a stream's item that is a whole call, such as a RerankStream item) they are
+        bulk work instead, admitted as the queue has room (EngineQueue.run_bulk)."""
+        self._queue.check_deadline(deadline, flow)
         stages = self._stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
             prepared: list[Prepared] = all_or_raise(await self._prepare(texts, spec, field))
         tokenized = time.perf_counter()
         units = [t for p in prepared for t in _units(p)]
-        results = await self._queue.run_interactive(units, field, deadline)
+        results = await self._queue.run(units, field, deadline, flow)
         with stages.stage("postprocess"):
             return _assemble(prepared, results, spec, tokenized - started)
 
@@ -238,13 +285,15 @@ class Embedder:
         fields: tuple[str, str] = ("queries", "documents"),
         *,
         documents_spec: EmbedSpec | None = None,
+        flow: object | None = None,
     ) -> SimilarityOutcome:
         """Cosine scores: the queries laid out as `spec` says, the documents as they are
-        (or as `documents_spec` says: rerank cuts long documents, never the query)."""
+        (or as `documents_spec` says: rerank cuts long documents, never the query).
+        `flow`: as in embed."""
         doc_spec = replace(documents_spec or spec, prefix="", normalize=True)
         sides = (
-            asyncio.ensure_future(self.embed(queries, spec, fields[0], deadline)),
-            asyncio.ensure_future(self.embed(documents, doc_spec, fields[1], deadline)),
+            asyncio.ensure_future(self.embed(queries, spec, fields[0], deadline, flow)),
+            asyncio.ensure_future(self.embed(documents, doc_spec, fields[1], deadline, flow)),
         )
         try:
             q, d = await asyncio.gather(*sides)

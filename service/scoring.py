@@ -1,10 +1,10 @@
 """One rerank job: (query, document) pairs -> the rerank model's batcher -> one logit each.
 
 A cross-encoder reads each pair together, so a rerank of N documents is N engine items.
-They go through the rerank model's own batcher as interactive items: the same queue
-bounds, priorities and deadlines as embeddings, and a caller that leaves drops its queued
-pairs. Scores are never cached: a pair is rarely asked twice, and the vector cache keys
-single inputs.
+They go through the rerank model's own batcher as interactive items (a RerankStream
+item's as bulk items, in its stream's fair share): the same queue bounds, priorities and
+deadlines as embeddings, and a caller that leaves drops its queued pairs. Scores are never
+cached: a pair is rarely asked twice, and the vector cache keys single inputs.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ class Reranker:
         refuse_long_documents: bool,
         field: str,
         deadline: float | None,
+        flow: object | None = None,
     ) -> ScoreOutcome:
-        self._queue.check_deadline(deadline)
+        """`flow`: None for an interactive call; a stream for one of its items (bulk)."""
+        self._queue.check_deadline(deadline, flow)
         stages = self._queue.stages
         started = time.perf_counter()
         with stages.stage("tokenize"):
@@ -71,7 +73,7 @@ class Reranker:
                     " truncate unset (or end) to have it cut",
                     INPUT_TOO_LONG,
                 )
-        results = await self._queue.run_interactive(inputs, field, deadline)
+        results = await self._queue.run(inputs, field, deadline, flow)
         total = sum(len(t.ids) for t in inputs)
         logits = np.array([r.vector[0] for r in results], dtype=np.float32)
         return ScoreOutcome(

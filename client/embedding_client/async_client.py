@@ -19,8 +19,11 @@ from embedding_client.channel import channel_options, check_connections
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
+    RerankOptions,
     embed_request,
+    rerank_request,
     rerank_slices,
+    rerank_stream_requests,
     similarity_request,
     stream_requests,
     tokenize_request,
@@ -28,6 +31,7 @@ from embedding_client.requests import (
 from embedding_client.results import (
     EmbedResult,
     RerankResult,
+    RerankStreamResult,
     SimilarityResult,
     StreamResult,
     TokenizedResult,
@@ -159,9 +163,9 @@ class AsyncEmbeddingClient:
         info = await self._limits() if len(documents) >= splitting.SMALL_CALL_INPUTS else None
         parts = []
         for part in rerank_slices(len(documents), info):
-            request = pb.RerankRequest(
-                query=query,
-                documents=documents[part.start : part.stop],
+            request = rerank_request(
+                query,
+                documents[part.start : part.stop],
                 return_documents=return_documents,
                 instruction=instruction,
                 max_tokens_per_doc=max_tokens_per_doc,
@@ -170,6 +174,19 @@ class AsyncEmbeddingClient:
             reply = await self._stub.Rerank(request, timeout=self._timeout, metadata=self._metadata)
             parts.append((part.start, reply))
         return RerankResult.merge(parts, top_k)
+
+    async def rerank_stream(
+        self,
+        items: Iterable[tuple[str, str, Sequence[str]]],
+        **options: Unpack[RerankOptions],
+    ) -> AsyncIterator[RerankStreamResult]:
+        """Stream (id, query, documents) items; yields each item's ranking as the server
+        finishes it (see EmbeddingClient.rerank_stream)."""
+        call = self._stub.RerankStream(
+            rerank_stream_requests(items, **options), metadata=self._metadata
+        )
+        async for resp in call:
+            yield RerankStreamResult.from_proto(resp)
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         return await self._stub.GetModelInfo(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
+from typing import TypedDict, Unpack
 
 from embedding.v1 import embedding_pb2 as pb
 from embedding_client.codec import Options
@@ -52,6 +53,33 @@ def similarity_request(
 
 def tokenize_request(inputs: Sequence[str], options: Options) -> pb.TokenizeRequest:
     return pb.TokenizeRequest(inputs=list(inputs), options=options.to_proto())
+
+
+class RerankOptions(TypedDict, total=False):
+    """RerankRequest's fields besides the query and the documents."""
+
+    top_k: int
+    return_documents: bool
+    instruction: str
+    max_tokens_per_doc: int
+    model: str
+
+
+def rerank_request(
+    query: str, documents: Sequence[str], **options: Unpack[RerankOptions]
+) -> pb.RerankRequest:
+    return pb.RerankRequest(query=query, documents=list(documents), **options)
+
+
+def rerank_stream_requests(
+    items: Iterable[tuple[str, str, Sequence[str]]], **options: Unpack[RerankOptions]
+) -> Iterator[pb.RerankStreamRequest]:
+    """A message per (id, query, documents) item, each leaving as the iterable yields it;
+    `options` apply to every item."""
+    for item_id, query, documents in items:
+        yield pb.RerankStreamRequest(
+            id=item_id, request=rerank_request(query, documents, **options)
+        )
 
 
 def rerank_slices(n_documents: int, info: pb.GetModelInfoResponse | None) -> list[range]:

@@ -208,6 +208,11 @@ class RerankResult:
         return np.array([r.relevance for r in self.results], dtype=np.float32)
 
     @classmethod
+    def from_proto(cls, resp: pb.RerankResponse) -> RerankResult:
+        """One call's answer, its results in the order the server gave them."""
+        return cls.merge([(0, resp)], 0)
+
+    @classmethod
     def merge(cls, parts: Sequence[tuple[int, pb.RerankResponse]], top_k: int) -> RerankResult:
         """Sub-calls' answers (each with its first document's index), every document in
         document order; the top k are picked here, since each pair's score stands alone."""
@@ -226,6 +231,29 @@ class RerankResult:
             kind.lower().replace("_", "-"),
             sum(resp.usage.prompt_tokens for _, resp in parts),
         )
+
+
+@dataclass(frozen=True)
+class RerankStreamResult:
+    """One RerankStream result: the item's ranking, as `rerank` returns it, or its own error.
+
+    An error with an empty id refused a message that could not be read.
+    """
+
+    id: str
+    ranking: RerankResult | None
+    error: status_pb2.Status | None
+    response: pb.RerankStreamResponse
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def from_proto(cls, resp: pb.RerankStreamResponse) -> RerankStreamResult:
+        if resp.HasField("response"):
+            return cls(resp.id, RerankResult.from_proto(resp.response), None, resp)
+        return cls(resp.id, None, resp.error, resp)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,11 @@ from embedding_client.channel import channel_options, check_connections
 from embedding_client.codec import Options, OptionsKwargs
 from embedding_client.requests import (
     ITEMS_PER_MESSAGE,
+    RerankOptions,
     embed_request,
+    rerank_request,
     rerank_slices,
+    rerank_stream_requests,
     similarity_request,
     stream_requests,
     tokenize_request,
@@ -28,6 +31,7 @@ from embedding_client.requests import (
 from embedding_client.results import (
     EmbedResult,
     RerankResult,
+    RerankStreamResult,
     SimilarityResult,
     StreamResult,
     TokenizedResult,
@@ -173,9 +177,9 @@ class EmbeddingClient:
         info = self._limits() if len(documents) >= splitting.SMALL_CALL_INPUTS else None
         parts = []
         for part in rerank_slices(len(documents), info):
-            request = pb.RerankRequest(
-                query=query,
-                documents=documents[part.start : part.stop],
+            request = rerank_request(
+                query,
+                documents[part.start : part.stop],
                 return_documents=return_documents,
                 instruction=instruction,
                 max_tokens_per_doc=max_tokens_per_doc,
@@ -184,6 +188,26 @@ class EmbeddingClient:
             reply = self._stub.Rerank(request, timeout=self._timeout, metadata=self._metadata)
             parts.append((part.start, reply))
         return RerankResult.merge(parts, top_k)
+
+    def rerank_stream(
+        self,
+        items: Iterable[tuple[str, str, Sequence[str]]],
+        **options: Unpack[RerankOptions],
+    ) -> Iterator[RerankStreamResult]:
+        """Stream (id, query, documents) items: many queries, each ranked as `rerank` ranks
+        one; yields each item's ranking as the server finishes it, in no set order.
+
+        `options` (top_k, return_documents, instruction, max_tokens_per_doc, model) apply
+        to every item. Items are bulk work on the server, behind unary calls. A failing item
+        (an empty query, a query over the window, more documents than the server's
+        stream_max_inflight) gets its own error and the others go on; an item's documents
+        are not split into sub-calls as `rerank` splits them.
+        """
+        responses = self._stub.RerankStream(
+            rerank_stream_requests(items, **options), metadata=self._metadata
+        )
+        for resp in responses:
+            yield RerankStreamResult.from_proto(resp)
 
     def model_info(self) -> pb.GetModelInfoResponse:
         return self._stub.GetModelInfo(

@@ -257,3 +257,112 @@ def test_embedding_and_rerank_traffic_share_the_server(
             [r.relevance_score for r in alone.results],
             atol=1e-6,
         )
+
+
+# RerankStream: many queries in one stream, each item ranked as Rerank ranks it.
+STREAM_QUERIES = [QUERY, *TEXTS[:5]]
+
+
+def _grpc_rerank_stream(
+    rig: Rig, items: Sequence[pb.RerankStreamRequest]
+) -> dict[str, pb.RerankStreamResponse]:
+    with grpc.insecure_channel(rig.server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        responses = list(stub.RerankStream(iter(items), timeout=300))
+    by_id = {r.id: r for r in responses}
+    assert len(by_id) == len(responses) == len(items), "every item answered once"
+    return by_id
+
+
+def _stream_items(rig: Rig) -> list[pb.RerankStreamRequest]:
+    """Each query over the documents (with one over the window), every third asking for
+    the top 3 with their texts."""
+    documents = [*DOCUMENTS, rig.too_long]
+    return [
+        pb.RerankStreamRequest(
+            id=f"query {i}",
+            request=pb.RerankRequest(
+                query=query,
+                documents=documents,
+                top_k=3 if i % 3 == 2 else 0,
+                return_documents=i % 3 == 2,
+            ),
+        )
+        for i, query in enumerate(STREAM_QUERIES)
+    ]
+
+
+def test_rerank_stream_answers_many_queries_as_rerank_and_the_reference_do(rig: Rig) -> None:
+    items = _stream_items(rig)
+    streamed = _grpc_rerank_stream(rig, items)
+    for item in items:
+        answer = streamed[item.id]
+        assert answer.HasField("response"), answer.error
+        got, request = answer.response, item.request
+        unary = _grpc_rerank(rig, request)
+        assert (got.model, got.score_kind) == (rig.name, pb.SCORE_KIND_CROSS_ENCODER)
+        assert [r.index for r in got.results] == [r.index for r in unary.results]
+        assert [r.truncated for r in got.results] == [r.truncated for r in unary.results]
+        assert [r.document for r in got.results] == [r.document for r in unary.results]
+        np.testing.assert_allclose(
+            [r.relevance_score for r in got.results],
+            [r.relevance_score for r in unary.results],
+            atol=1e-6,
+        )
+        assert got.usage == unary.usage
+        reference = rig.reference(rig.model_dir, request.query, request.documents)
+        if request.top_k:
+            best = np.argsort(-reference.probabilities, kind="stable")[:3].tolist()
+            assert [r.index for r in got.results] == best
+            assert [r.document for r in got.results] == [request.documents[i] for i in best]
+        np.testing.assert_allclose(
+            [r.relevance_score for r in got.results],
+            reference.probabilities[[r.index for r in got.results]],
+            atol=TOLERANCE,
+        )
+        assert any(r.truncated for r in got.results) or request.top_k
+
+
+def test_rerank_stream_bad_items_fail_alone_naming_field_and_limit(rig: Rig) -> None:
+    good = _stream_items(rig)[:2]
+    bad = {
+        "empty query": pb.RerankRequest(query="", documents=DOCUMENTS),
+        # More documents than the stream's room (--stream-max-inflight, 1024 by default).
+        "too many documents": pb.RerankRequest(query=QUERY, documents=["d"] * 1025),
+        "query over the window": pb.RerankRequest(query=rig.too_long, documents=DOCUMENTS),
+    }
+    items = [
+        good[0],
+        *(pb.RerankStreamRequest(id=i, request=r) for i, r in bad.items()),
+        good[1],
+    ]
+    streamed = _grpc_rerank_stream(rig, items)
+    for item in good:
+        assert streamed[item.id].HasField("response"), streamed[item.id].error
+        assert len(streamed[item.id].response.results) == len(item.request.documents)
+    errors = {i: streamed[i].error for i in bad}
+    assert {e.code for e in errors.values()} == {grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+    assert errors["empty query"].message == "query: text is empty"
+    assert errors["too many documents"].message.startswith(
+        "documents: 1025 documents exceed the limit of 1024 per item of a stream"
+    )
+    window = errors["query over the window"].message
+    assert window.startswith("query: ") and "limit of" in window, window
+
+
+def test_the_clients_rerank_stream_round_trip(rig: Rig) -> None:
+    items = [(f"q{i}", query, DOCUMENTS) for i, query in enumerate(STREAM_QUERIES)]
+    with EmbeddingClient(rig.server.address) as client:
+        alone = {i: client.rerank(query, documents, top_k=4) for i, query, documents in items}
+        streamed = list(client.rerank_stream([*items, ("empty", "", DOCUMENTS)], top_k=4))
+    by_id = {r.id: r for r in streamed}
+    assert sorted(by_id) == sorted([*alone, "empty"])
+    for i, expected in alone.items():
+        ranking = by_id[i].ranking
+        assert by_id[i].ok and ranking is not None
+        assert (ranking.model, ranking.score_kind) == (rig.name, "cross-encoder")
+        assert [r.index for r in ranking.results] == [r.index for r in expected.results]
+        np.testing.assert_allclose(ranking.scores, expected.scores, atol=1e-6)
+    failed = by_id["empty"]
+    assert not failed.ok and failed.error is not None
+    assert failed.error.message == "query: text is empty"

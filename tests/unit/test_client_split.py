@@ -270,6 +270,11 @@ class FakeService(pb_grpc.EmbeddingServiceServicer):
     def Rerank(self, request: pb.RerankRequest, context: grpc.ServicerContext) -> pb.RerankResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
 
+    def RerankStream(
+        self, request_iterator: Iterator[pb.RerankStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.RerankStreamResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
 
 def _vector(text: str) -> pb.Embedding:
     v = np.array([float(text.split(maxsplit=1)[0]), float(len(text))], dtype="<f4")

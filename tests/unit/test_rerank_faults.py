@@ -38,6 +38,7 @@ from service.server import SERVICE_NAME, EmbeddingServer, ScoringParts
 from tests.fakes import FakeEngine, factory, fake_vector
 from tests.models.tiny_bert_reranker import build_tiny_bert_reranker
 from tests.servers import free_port
+from tests.unit.test_server_faults import until
 
 # Bounds on RPCs and condition polls: only a hang reaches them. Where a test is about a
 # deadline, it sets its own.
@@ -129,16 +130,6 @@ async def make_rig(reranker_dir: Path) -> AsyncIterator[RigMaker]:
             rig.scorer.gate.set()
         if not rig.stopped:
             await rig.server.stop(grace_s=0)
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    """Polls `check` until it holds; fails after PATIENCE_S (a hang, not slowness)."""
-    try:
-        async with asyncio.timeout(PATIENCE_S):
-            while not check():  # noqa: ASYNC110 - the conditions live in other objects
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"never: {what}") from None
 
 
 def pairs(tokenizer: Tokenizer, query: str, documents: Sequence[str]) -> list[list[int]]:

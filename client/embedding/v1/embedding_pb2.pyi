@@ -1219,3 +1219,65 @@ class RerankResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RerankResponse: _TypeAlias = RerankResponse  # noqa: Y015
+
+@_typing.final
+class RerankStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Client-chosen id echoed on the result. Must be unique among the stream's items in flight."""
+    @_builtins.property
+    def request(self) -> Global___RerankRequest:
+        """One query and its documents, as Rerank takes them. At most limits.stream_max_inflight
+        documents (and the query and documents within limits.max_inputs_per_request).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        request: Global___RerankRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerankStreamRequest: _TypeAlias = RerankStreamRequest  # noqa: Y015
+
+@_typing.final
+class RerankStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the request this result answers; empty for a message that could not be read."""
+    @_builtins.property
+    def response(self) -> Global___RerankResponse:
+        """What Rerank would answer for the item's request, with the item's own timing."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this item failed; the stream goes on."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        response: Global___RerankResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "response", b"response", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "id", b"id", "response", b"response", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___RerankStreamResponse: _TypeAlias = RerankStreamResponse  # noqa: Y015

@@ -68,6 +68,11 @@ class EmbeddingServiceStub:
                 request_serializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
                 response_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.RerankStream = channel.stream_stream(
+                '/embedding.v1.EmbeddingService/RerankStream',
+                request_serializer=embedding_dot_v1_dot_embedding__pb2.RerankStreamRequest.SerializeToString,
+                response_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankStreamResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -123,6 +128,18 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerankStream(self, request_iterator, context):
+        """Bulk rerank: many queries, each with its own documents. Each request carries one
+        RerankRequest and a client-chosen id; results come back as they finish, tagged with
+        those ids. A failing item gets its own error result and the stream goes on. Items run
+        as bulk work, behind unary calls, and the server reads the stream only as fast as it
+        can work: an item holds one of the stream's limits.stream_max_inflight slots per
+        document until it is answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +172,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankRequest.FromString,
                     response_serializer=embedding_dot_v1_dot_embedding__pb2.RerankResponse.SerializeToString,
+            ),
+            'RerankStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RerankStream,
+                    request_deserializer=embedding_dot_v1_dot_embedding__pb2.RerankStreamRequest.FromString,
+                    response_serializer=embedding_dot_v1_dot_embedding__pb2.RerankStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -323,6 +345,33 @@ class EmbeddingService:
             '/embedding.v1.EmbeddingService/Rerank',
             embedding_dot_v1_dot_embedding__pb2.RerankRequest.SerializeToString,
             embedding_dot_v1_dot_embedding__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embedding.v1.EmbeddingService/RerankStream',
+            embedding_dot_v1_dot_embedding__pb2.RerankStreamRequest.SerializeToString,
+            embedding_dot_v1_dot_embedding__pb2.RerankStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

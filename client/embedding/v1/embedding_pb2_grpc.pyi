@@ -55,6 +55,14 @@ class EmbeddingServiceStub:
     """Documents ordered by relevance to a query: a cross-encoder's probability when the server
     runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
     """
+    RerankStream: _grpc.StreamStreamMultiCallable[_embedding_pb2.RerankStreamRequest, _embedding_pb2.RerankStreamResponse]
+    """Bulk rerank: many queries, each with its own documents. Each request carries one
+    RerankRequest and a client-chosen id; results come back as they finish, tagged with
+    those ids. A failing item gets its own error result and the stream goes on. Items run
+    as bulk work, behind unary calls, and the server reads the stream only as fast as it
+    can work: an item holds one of the stream's limits.stream_max_inflight slots per
+    document until it is answered.
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
@@ -82,6 +90,14 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     Rerank: _aio.UnaryUnaryMultiCallable[_embedding_pb2.RerankRequest, _embedding_pb2.RerankResponse]  # type: ignore[assignment]
     """Documents ordered by relevance to a query: a cross-encoder's probability when the server
     runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+    """
+    RerankStream: _aio.StreamStreamMultiCallable[_embedding_pb2.RerankStreamRequest, _embedding_pb2.RerankStreamResponse]  # type: ignore[assignment]
+    """Bulk rerank: many queries, each with its own documents. Each request carries one
+    RerankRequest and a client-chosen id; results come back as they finish, tagged with
+    those ids. A failing item gets its own error result and the stream goes on. Items run
+    as bulk work, behind unary calls, and the server reads the stream only as fast as it
+    can work: an item holds one of the stream's limits.stream_max_inflight slots per
+    document until it is answered.
     """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,6 +159,20 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_embedding_pb2.RerankResponse, _abc.Awaitable[_embedding_pb2.RerankResponse]]:
         """Documents ordered by relevance to a query: a cross-encoder's probability when the server
         runs a rerank model, otherwise the embedding model's cosine mapped to [0, 1].
+        """
+
+    @_abc_1.abstractmethod
+    def RerankStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_embedding_pb2.RerankStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedding_pb2.RerankStreamResponse], _abc.AsyncIterator[_embedding_pb2.RerankStreamResponse]]:
+        """Bulk rerank: many queries, each with its own documents. Each request carries one
+        RerankRequest and a client-chosen id; results come back as they finish, tagged with
+        those ids. A failing item gets its own error result and the stream goes on. Items run
+        as bulk work, behind unary calls, and the server reads the stream only as fast as it
+        can work: an item holds one of the stream's limits.stream_max_inflight slots per
+        document until it is answered.
         """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

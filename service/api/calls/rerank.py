@@ -43,6 +43,9 @@ class RerankCall:
     model: str | None = None  # None: the rerank model, else the embedding model
     documents_field: str = "documents"  # the caller's name for them, in errors
     deadline: float | None = None
+    # None: an interactive call. A stream (RerankStream) for one of its items: bulk work in
+    # that stream's fair share, behind interactive calls, waiting for room in the queue.
+    flow: object | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ async def rerank(rt: Runtime, call: RerankCall) -> RerankAnswer:
             refuse_long_documents=call.refuse_long_documents,
             field=field,
             deadline=call.deadline,
+            flow=call.flow,
         )
         raw = outcome.logits
         relevance = 1.0 / (1.0 + np.exp(-raw.astype(np.float64)))
@@ -106,6 +110,7 @@ async def _by_cosine(rt: Runtime, model: EmbeddingModel, call: RerankCall) -> Re
             call.deadline,
             fields=("query", call.documents_field),
             documents_spec=documents,
+            flow=call.flow,
         )
     except InputTooLongError as exc:
         if exc.field != "query[0]":

@@ -17,22 +17,19 @@ from grpc_status import rpc_status
 from embedding.v1 import embedding_pb2 as pb
 from embedding.v1 import embedding_pb2_grpc as pb_grpc
 from service.api.calls.embed import EmbedCall, choose_inputs, embed
-from service.api.calls.rerank import RerankCall, ScoreKind, rerank
+from service.api.calls.rerank import rerank
 from service.api.calls.similarity import SimilarityCall, similarity
 from service.api.calls.tokenize import TokenizeCall, tokenize
 from service.api.grpc import wire
+from service.api.grpc.rerank_stream import RerankStreamSession
 from service.api.grpc.status import to_status
-from service.api.grpc.stream import StreamSession, Undecodable
+from service.api.grpc.stream import ItemStream, Response, StreamSession, Undecodable
 from service.api.grpc.stream_budget import StreamBudget
 from service.api.runtime import Gate, Runtime
 from service.api.validation import RequestOptions
 
 T = TypeVar("T")
 R = TypeVar("R")
-_SCORE_KINDS = {
-    ScoreKind.CROSS_ENCODER: pb.SCORE_KIND_CROSS_ENCODER,
-    ScoreKind.COSINE: pb.SCORE_KIND_COSINE,
-}
 Context = grpc.aio.ServicerContext[object, object]
 
 
@@ -79,6 +76,9 @@ def add_servicer(
         "Rerank": unary(servicer.Rerank, _lenient(pb.RerankRequest), _serialize),
         "EmbedStream": grpc.stream_stream_rpc_method_handler(
             servicer.EmbedStream, _lenient(pb.EmbedStreamRequest), _serialize
+        ),
+        "RerankStream": grpc.stream_stream_rpc_method_handler(
+            servicer.RerankStream, _lenient(pb.RerankStreamRequest), _serialize
         ),
     }
     service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -235,43 +235,40 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def _rerank(
         self, rt: Runtime, request: pb.RerankRequest, call: _Call
     ) -> pb.RerankResponse:
-        answer = await rerank(
-            rt,
-            RerankCall(
-                query=request.query,
-                documents=request.documents,
-                top_k=request.top_k,
-                instruction=request.instruction,
-                max_tokens_per_doc=request.max_tokens_per_doc,
-                model=request.model or None,
-                deadline=call.deadline,
-            ),
-        )
-        with_text = request.return_documents
-        results = [
-            pb.RankedDocument(
-                index=r.index,
-                relevance_score=r.relevance,
-                raw_score=r.raw,
-                truncated=r.truncated,
-                document=request.documents[r.index] if with_text else "",
-            )
-            for r in answer.results
-        ]
-        return pb.RerankResponse(
-            results=results,
-            score_kind=_SCORE_KINDS[answer.kind],
-            **wire.metadata(answer.meta, call.started),
-        )
+        answer = await rerank(rt, wire.rerank_call(request, call.deadline))
+        return wire.rerank_response(request, answer, call.started)
+
+    # The streams: each runs one session over its requests.
 
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedStreamRequest], context: Context
     ) -> AsyncIterator[pb.EmbedStreamResponse]:
+        def session(rt: Runtime, deadline: float | None) -> StreamSession:
+            return StreamSession(rt, self._streams, deadline, self._truncate)
+
+        async for response in self._stream(request_iterator, context, session):
+            yield response
+
+    async def RerankStream(
+        self, request_iterator: AsyncIterator[pb.RerankStreamRequest], context: Context
+    ) -> AsyncIterator[pb.RerankStreamResponse]:
+        def session(rt: Runtime, deadline: float | None) -> RerankStreamSession:
+            return RerankStreamSession(rt, self._streams, deadline)
+
+        async for response in self._stream(request_iterator, context, session):
+            yield response
+
+    async def _stream(
+        self,
+        requests: AsyncIterator[Any],
+        context: Context,
+        start: Callable[[Runtime, float | None], ItemStream[Any, Any, Response]],
+    ) -> AsyncIterator[Response]:
+        """Run a stream's session; a stream the server cannot take fails whole."""
         try:
-            rt = self._gate.runtime()
-            session = StreamSession(rt, self._streams, _deadline(context), self._truncate)
+            session = start(self._gate.runtime(), _deadline(context))
         except Exception as exc:
             await context.abort_with_status(rpc_status.to_status(to_status(exc)))
             return
-        async for response in session.run(request_iterator):
+        async for response in session.run(requests):
             yield response

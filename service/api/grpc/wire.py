@@ -9,6 +9,7 @@ from embedding.v1 import embedding_pb2 as pb
 from service import postprocess
 from service.api.calls.embed import Embedding
 from service.api.calls.metadata import Metadata
+from service.api.calls.rerank import RerankAnswer, RerankCall, ScoreKind
 from service.api.validation import RequestOptions, ViewOptions
 from service.pipeline import Timing
 from service.telemetry import names
@@ -24,6 +25,7 @@ _ENCODING_NAMES = {pb.ENCODING_UNSPECIFIED: ""} | {
     pb.Encoding.Value(f"ENCODING_{e.name}"): e.value for e in postprocess.Encoding
 }
 _WIRE_ENCODING = {e: pb.Encoding.Value(f"ENCODING_{e.name}") for e in postprocess.Encoding}
+_SCORE_KINDS = {k: pb.ScoreKind.Value(f"SCORE_KIND_{k.name}") for k in ScoreKind}
 
 
 def request_options(opts: pb.EmbedOptions, default_truncate: str) -> RequestOptions:
@@ -119,4 +121,39 @@ def tokenized(t: TokenSpans) -> pb.TokenizedInput:
         offsets=[pb.TokenSpan(char_start=a, char_end=b) for a, b in t.offsets],
         text_start=t.text_start,
         truncated=t.truncated,
+    )
+
+
+def rerank_call(
+    request: pb.RerankRequest, deadline: float | None, flow: object | None = None
+) -> RerankCall:
+    """A Rerank request (unary, or one RerankStream item's, with its stream as `flow`)."""
+    return RerankCall(
+        query=request.query,
+        documents=request.documents,
+        deadline=deadline,
+        flow=flow,
+        top_k=request.top_k,
+        instruction=request.instruction,
+        max_tokens_per_doc=request.max_tokens_per_doc,
+        model=request.model or None,
+    )
+
+
+def rerank_response(
+    request: pb.RerankRequest, answer: RerankAnswer, started: float
+) -> pb.RerankResponse:
+    with_text = request.return_documents
+    results = [
+        pb.RankedDocument(
+            index=r.index,
+            relevance_score=r.relevance,
+            raw_score=r.raw,
+            truncated=r.truncated,
+            document=request.documents[r.index] if with_text else "",
+        )
+        for r in answer.results
+    ]
+    return pb.RerankResponse(
+        results=results, score_kind=_SCORE_KINDS[answer.kind], **metadata(answer.meta, started)
     )
