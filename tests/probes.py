@@ -7,14 +7,14 @@ import contextlib
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedding_client import EmbeddingClient
+from embedding_client import EmbeddingClient, StreamResult
 from service.telemetry.names import QUEUE_ITEMS_METRIC
 from tests.servers import ServerProcess
 
@@ -84,6 +84,19 @@ def frozen_engine(server: ServerProcess) -> Iterator[None]:
 
 def code_name(number: int) -> str:
     return next(c.name for c in grpc.StatusCode if c.value[0] == number)
+
+
+def stream_failure_codes(results: Iterable[StreamResult]) -> set[str]:
+    """The status codes a stream ends with: its items' errors and the call's own."""
+    codes: set[str] = set()
+    try:
+        for result in results:
+            if not result.ok and result.error is not None:
+                codes.add(code_name(result.error.code))
+    except grpc.RpcError as err:
+        assert isinstance(err, grpc.Call)
+        codes.add(err.code().name)
+    return codes
 
 
 def unary_behind_a_full_queue(

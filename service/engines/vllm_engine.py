@@ -464,9 +464,7 @@ class SharedEngineCore:
     front end its attachment, and waits for the core to load the model."""
 
     def __init__(self, settings: VllmSettings, count: int) -> None:
-        built = _EngineConfig.of(settings)
-        self.info = built.info
-        self._vllm_config = built.vllm_config
+        self._vllm_config = _EngineConfig.of(settings).vllm_config
         self._listeners = bind_engine_zmq_listeners(self._vllm_config, count)
         addresses = self._listeners.addresses
         self.attachments = [
@@ -581,22 +579,19 @@ class VllmEngine:
         """Start the model's engine-core process and connect to it; or, with an attachment,
         connect to one a supervisor started for several front-end processes."""
         built = _EngineConfig.of(settings)
-        if attachment is None:
-            # Starts the engine-core process and waits until it has loaded the model.
-            # log_stats off: the service has its own metrics, and vLLM's cost CPU every step.
-            core = EngineCoreClient.make_async_mp_client(
-                built.vllm_config, Executor.get_class(built.vllm_config), log_stats=False
-            )
-        else:
-            # Waits until the shared engine core has loaded the model and said it is ready.
-            core = EngineCoreClient.make_async_mp_client(
-                built.vllm_config,
-                Executor.get_class(built.vllm_config),
-                log_stats=False,
+        # Without an attachment the client starts the engine-core process itself; either
+        # way this waits until the core has loaded the model. log_stats off: the service
+        # has its own metrics, and vLLM's cost CPU every step.
+        shared: dict[str, Any] = {}
+        if attachment is not None:
+            shared = dict(
                 client_addresses=dict(attachment.addresses),
                 client_count=attachment.count,
                 client_index=attachment.index,
             )
+        core = EngineCoreClient.make_async_mp_client(
+            built.vllm_config, Executor.get_class(built.vllm_config), log_stats=False, **shared
+        )
         log.debug("vLLM engine loaded: %s", built.info)
         return cls(core, built.info, built.params, built.token_types)
 

@@ -282,7 +282,7 @@ class Supervisor:
             waitables: list[Connection | int] = [*alive, *pending, *engine_sentinels]
             for ready in wait(waitables, timeout=_POLL_S):
                 if isinstance(ready, Connection):
-                    self._on_ready(pending.pop(ready), pending)
+                    self._on_ready(pending.pop(ready))
                 elif ready in alive:
                     ended = alive.pop(ready)
                     pending.pop(ended.ready, None)
@@ -297,7 +297,7 @@ class Supervisor:
                         stop("an engine core process died", ENGINE_LOST_SIGNAL)
         return code
 
-    def _on_ready(self, front_end: _FrontEnd, pending: dict[Connection, _FrontEnd]) -> None:
+    def _on_ready(self, front_end: _FrontEnd) -> None:
         try:
             front_end.metrics_port, line = front_end.ready.recv()
         except EOFError:

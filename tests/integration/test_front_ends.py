@@ -27,8 +27,8 @@ from embedding_client import EmbeddingClient
 from tests.integration.conftest import ENGINE_ARGS, RERANK_ARGS
 from tests.probes import (
     PATIENCE_S,
-    code_name,
     is_engine_core,
+    stream_failure_codes,
     unary_calls_during_a_stream,
     until,
 )
@@ -302,7 +302,6 @@ def test_engine_core_death_answers_unavailable_in_every_front_end(tmp_path: Path
         process = psutil.Process(server.process.pid)
         cores = [p for p in process.children() if is_engine_core(p)]
         assert cores
-        codes: set[str] = set()
         with EmbeddingClient(server.address) as client:
             stream = client.embed_stream(
                 [(f"k-{i}", f"{TEXTS[i % len(TEXTS)]} {i}") for i in range(4000)]
@@ -310,13 +309,7 @@ def test_engine_core_death_answers_unavailable_in_every_front_end(tmp_path: Path
             assert next(stream).ok
             for core in cores:
                 core.kill()
-            try:
-                for result in stream:
-                    if not result.ok and result.error is not None:
-                        codes.add(code_name(result.error.code))
-            except grpc.RpcError as err:
-                assert isinstance(err, grpc.Call)
-                codes.add(err.code().name)
+            codes = stream_failure_codes(stream)
         assert "UNAVAILABLE" in codes and codes <= {"UNAVAILABLE"}, codes
         assert server.process.wait(PATIENCE_S) == 1
         assert "an engine core process died" in server.log_path.read_text()

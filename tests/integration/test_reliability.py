@@ -28,9 +28,9 @@ from embedding_client import EmbeddingClient
 from tests.integration.conftest import ENGINE_ARGS
 from tests.probes import (
     PATIENCE_S,
-    code_name,
     engine_cores,
     frozen_engine,
+    stream_failure_codes,
     unary_calls_during_a_stream,
     until,
 )
@@ -239,15 +239,8 @@ def test_engine_death_answers_unavailable_and_exits_nonzero(
             assert first.ok
             for p in cores:
                 p.kill()
-            codes: set[str] = set()
             seen_not_serving = False
-            try:
-                for result in stream:
-                    if not result.ok and result.error is not None:
-                        codes.add(code_name(result.error.code))
-            except grpc.RpcError as err:
-                assert isinstance(err, grpc.Call)
-                codes.add(err.code().name)
+            codes = stream_failure_codes(stream)
             # Probe until the process is gone (bounded only against a hang).
             give_up = time.monotonic() + PATIENCE_S
             http_statuses: set[int] = set()
